@@ -1,0 +1,1 @@
+"""Box proposers behind one small interface (ultralytics, torchvision, given boxes)."""

@@ -1,0 +1,164 @@
+"""The ``roiscribe`` command line. Only this module talks to the user."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata, resources
+from pathlib import Path
+
+SAMPLE_BOXES = {  # pixel boxes of the shapes in the bundled sample image (jobs/assets/shapes.png)
+    "red circle": (30, 40, 120, 130),
+    "blue square": (170, 60, 280, 150),
+    "green triangle": (100, 150, 200, 220),
+}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("roiscribe")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a box is x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if not (x2 > x1 and y2 > y1):
+        raise argparse.ArgumentTypeError(f"a box needs x2 > x1 and y2 > y1, got {text!r}")
+    return x1, y1, x2, y2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="preset name (random weights) or a local checkpoint directory (default: tiny)")
+    p.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roiscribe",
+        description="Region-level annotation with GPT4RoI: captions, attributes and relations for detector boxes.",
+    )
+    parser.add_argument("--version", action="version", version=f"roiscribe {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="describe the regions of the bundled sample image")
+    _add_model_args(demo)
+
+    describe = sub.add_parser("describe", help="ask GPT4RoI about regions of one image")
+    describe.add_argument("image", type=Path)
+    describe.add_argument("question", help='e.g. "What is <region1> doing?"; <regionN> is the N-th --box')
+    describe.add_argument("--box", type=_parse_box, action="append", default=[], required=True,
+                          help="x1,y1,x2,y2 in pixels of the image; repeat for several regions")
+    _add_model_args(describe)
+
+    delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
+    delta.add_argument("--base", type=Path, required=True, help="local LLaMA-7B directory (HF layout)")
+    delta.add_argument("--delta", type=Path, required=True, help="local GPT4RoI-7B-delta-V0 directory")
+    delta.add_argument("--out", type=Path, required=True, help="where to write the merged checkpoint")
+    return parser
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load(args):
+    import torch
+    from model.checkpoint import load_model
+
+    device = _device(args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return load_model(args.model, clip=args.clip, device=device, dtype=dtype)
+
+
+def _describe(loaded, image, boxes_px, question: str, max_new_tokens: int) -> str:
+    from model.generate import generate_reference
+    from model.prompt import build_prompt
+    from model.vision import normalize_boxes
+
+    boxes = normalize_boxes(boxes_px, *image.size)
+    return generate_reference(loaded.model, loaded.tokenizer, image, boxes, build_prompt(question),
+                              max_new_tokens=max_new_tokens).text
+
+
+def cmd_demo(args) -> int:
+    from PIL import Image
+
+    path = resources.files("jobs") / "assets" / "shapes.png"
+    with resources.as_file(path) as p:
+        image = Image.open(p).convert("RGB")
+    loaded = _load(args)
+    print(f"model: {args.model} ({loaded.config.name}); image: {path.name} {image.size[0]}x{image.size[1]}")
+    if not Path(str(args.model)).exists():
+        print("note: a preset name means random weights, so the answers are noise; pass a trained checkpoint")
+    names = list(SAMPLE_BOXES)
+    boxes = [SAMPLE_BOXES[n] for n in names]
+    for i, name in enumerate(names, 1):
+        answer = _describe(loaded, image, boxes, f"What is in <region{i}>?", args.max_new_tokens)
+        print(f"region{i} {boxes[i - 1]} (drawn: {name}): {answer!r}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from PIL import Image, ImageOps
+
+    try:
+        image = ImageOps.exif_transpose(Image.open(args.image)).convert("RGB")
+    except (OSError, ValueError) as e:
+        print(f"roiscribe describe: cannot read image {args.image}: {e}", file=sys.stderr)
+        return 2
+    w, h = image.size
+    for box in args.box:
+        if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
+            print(f"roiscribe describe: box {box} lies outside the {w}x{h} image", file=sys.stderr)
+            return 2
+    loaded = _load(args)
+    print(_describe(loaded, image, args.box, args.question, args.max_new_tokens))
+    return 0
+
+
+def cmd_apply_delta(args) -> int:
+    from tqdm import tqdm
+
+    from model.checkpoint import apply_delta
+
+    bar = tqdm(desc="applying delta", unit="shard")
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(1)
+
+    out = apply_delta(args.base, args.delta, args.out, progress=progress)
+    bar.close()
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "describe": cmd_describe, "apply-delta": cmd_apply_delta}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"roiscribe {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

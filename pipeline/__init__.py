@@ -1,0 +1,1 @@
+"""The in-process annotation flow (records, instruction composition, parsing, annotate())."""

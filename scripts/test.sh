@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs roiscribe with its test extra and runs the test suite. README's test command and
+# .ci/run both call this script, so they cannot drift apart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e ".[test]"
+python -m pytest "$@"

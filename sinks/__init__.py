@@ -1,0 +1,1 @@
+"""Output sinks: Parquet, Label Studio, training-data exports, previews."""

@@ -1,0 +1,1 @@
+"""roiscribe tests, mirroring the packages."""
