@@ -72,6 +72,32 @@ def random_init(config: GPT4RoIConfig | str, seed: int = 0, device: str | torch.
     return Loaded(model, make_tokenizer(config))
 
 
+def random_init_on_device(config: GPT4RoIConfig | str, seed: int = 0, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Loaded:
+    """Random weights made directly on ``device`` (no CPU copy): for benchmarking large presets.
+
+    Built on the meta device, materialised empty on ``device``, then filled: weights N(0, std),
+    biases 0, norm scales 1. Not the training init; a stand-in with realistic shapes and cost.
+    """
+    config = get_preset(config) if isinstance(config, str) else config
+    model = _empty_model(config).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # RMSNorm / LayerNorm / GroupNorm scales
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    model = model.to(dtype=dtype).restore_buffers().eval()
+    model.vision_tower.requires_grad_(False)
+    if config.tokenizer == "builtin":
+        return Loaded(model, make_tokenizer(config))
+    # Random weights give no meaning to ids, so the builtin pieces stand in for LLaMA's tokenizer.
+    return Loaded(model, PromptTokenizer(BuiltinPieces(), config.tokens, config.num_image_tokens))
+
+
 # roiscribe's own format --------------------------------------------------------------------------
 
 def save_pretrained(loaded: Loaded, directory: str | Path) -> Path:

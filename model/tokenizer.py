@@ -37,6 +37,8 @@ class PieceEncoder(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def piece_text(self, i: int) -> str: ...
+
     def save(self, directory: Path) -> None: ...
 
 
@@ -80,6 +82,17 @@ class PromptTokenizer:
 
     def save(self, directory: str | Path) -> None:
         self.pieces.save(Path(directory))
+
+    def token_texts(self) -> list[str]:
+        """The text each id adds when a generation is decoded ("" for ids :meth:`decode` skips).
+
+        Lets the engine detect a stop string on token ids, without decoding whole texts.
+        """
+        base = self.tokens.base_vocab_size
+        texts = [self.pieces.piece_text(i) for i in range(base)]
+        for i in (self.tokens.bos_id, self.tokens.eos_id):
+            texts[i] = ""
+        return texts + [""] * (self.tokens.im_end_id + 1 - base)
 
 
 # The builtin offline tokenizer ------------------------------------------------------------------
@@ -159,6 +172,9 @@ class BuiltinPieces:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def piece_text(self, i: int) -> str:
+        return self._tok.id_to_token(i).replace("▁", " ")
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -184,6 +200,12 @@ class SentencePiecePieces:
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
+
+    def piece_text(self, i: int) -> str:
+        piece = self._sp.id_to_piece(i)
+        if self._sp.is_byte(i):  # "<0x23>" -> "#"
+            return bytes([int(piece[3:5], 16)]).decode("latin-1")
+        return "" if self._sp.is_control(i) else piece.replace("▁", " ")
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))

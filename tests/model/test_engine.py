@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+
+from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt, StopTable
+from model.generate import generate_reference
+from model.prompt import build_prompt
+from model.vision import preprocess
+
+QUESTIONS = [
+    "What is <region1>?",
+    "Can you give a description of the region mentioned by <region1>?",
+    "Could you describe the region shown as <region1> in the picture in great detail?",
+]
+
+
+def make_jobs(box_counts=(1, 4, 16, 2), seed=0):
+    rs = np.random.RandomState(seed)
+    jobs = []
+    for j, n in enumerate(box_counts):
+        image = rs.randint(0, 256, (40 + 17 * j, 90 - 9 * j, 3)).astype(np.uint8)
+        xy = rs.rand(n, 2) * 0.6
+        boxes = torch.tensor(np.concatenate([xy, np.minimum(xy + 0.1 + rs.rand(n, 2) * 0.3, 1)], 1), dtype=torch.float32)
+        prompts = [RegionPrompt(QUESTIONS[(i + j) % 3], (i,)) for i in range(n)]
+        if n >= 2:  # multi-region prompts, regions named out of box order
+            prompts.append(RegionPrompt("How does <region1> relate to <region2>?", (n - 1, 0)))
+            prompts.append(RegionPrompt("Compare <region1>, <region2> and <region3>.", (1, 0, 1)))
+        jobs.append(ImageJob(image, boxes, prompts))
+    return jobs
+
+
+def naive(tiny, jobs, **kw):
+    return [[generate_reference(tiny.model, tiny.tokenizer, j.image, j.boxes[list(p.regions)],
+                                build_prompt(p.question), **kw) for p in j.prompts] for j in jobs]
+
+
+def assert_same(engine_out, naive_out):
+    for j, (rows_e, rows_n) in enumerate(zip(engine_out, naive_out)):
+        assert len(rows_e) == len(rows_n)
+        for p, (e, n) in enumerate(zip(rows_e, rows_n)):
+            assert e.token_ids == n.token_ids, f"image {j} prompt {p}"
+            assert e.text == n.text
+            np.testing.assert_allclose(e.logprobs, n.logprobs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def stops_sometimes(tiny):
+    """Make the tiny model end its answers at data-dependent steps: whenever the sum of its 8 best
+    token ids is a multiple of 5, it says '###' (a forward hook on lm_head; both paths see it)."""
+    stop_id = tiny.tokenizer.pieces.encode("###")[-1]
+
+    def hook(module, args, out):
+        last = out[:, -1]
+        out = out.clone()
+        out[:, -1, stop_id] = torch.where(last.topk(8).indices.sum(-1) % 5 == 0, last.max(-1).values + 5.0, last[:, stop_id])
+        return out
+
+    handle = tiny.model.llm.lm_head.register_forward_hook(hook)
+    yield
+    handle.remove()
+
+
+def test_engine_equals_the_naive_path_prompt_by_prompt(tiny):
+    jobs = make_jobs()
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_images=3, max_prompts=7))
+    assert_same(engine.run(jobs), naive(tiny, jobs, max_new_tokens=10))
+
+
+def test_engine_equals_naive_when_answers_end_at_different_steps(tiny, stops_sometimes):
+    jobs = make_jobs((3, 9))
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=24)).run(jobs)
+    lengths = {len(g.token_ids) for row in out for g in row}
+    assert len(lengths) > 2, "the hook should end answers at different steps"
+    assert any(g.raw.endswith("###") for row in out for g in row)
+    assert_same(out, naive(tiny, jobs, max_new_tokens=24))
+
+
+def test_shared_prefix_equals_recomputed(tiny, stops_sometimes):
+    jobs = make_jobs((5, 2))
+    shared = RegionEngine(tiny, EngineConfig(max_new_tokens=12, share_prefix=True)).run(jobs)
+    recomputed = RegionEngine(tiny, EngineConfig(max_new_tokens=12, share_prefix=False)).run(jobs)
+    assert_same(shared, recomputed)
+
+
+def test_shared_prefix_covers_the_image_and_stops_before_the_first_bbox(tiny):
+    engine = RegionEngine(tiny)
+    ids = [tiny.tokenizer.encode(build_prompt(q)) for q in ("What is <region1>?", "What is <region1> doing?")]
+    prefix = engine._shared_prefix(ids)
+    t = tiny.config.tokens
+    assert prefix.count(t.im_patch_id) == tiny.config.num_image_tokens
+    assert t.bbox_id not in prefix and ids[0][len(prefix)] == t.bbox_id  # "What is region1" is shared too
+
+
+def test_logprobs_equal_a_plain_forward_over_the_generated_sequence(tiny):
+    jobs = make_jobs((3,))
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=8, min_new_tokens=8)).run(jobs)
+    job = jobs[0]
+    pixels = preprocess([job.image], tiny.config.vision)
+    for prompt, gen in zip(job.prompts, out[0]):
+        prompt_ids = tiny.tokenizer.encode(build_prompt(prompt.question))
+        ids = torch.tensor([prompt_ids + gen.token_ids])
+        with torch.no_grad():
+            logits = tiny.model(ids, pixels, [job.boxes[list(prompt.regions)]]).logits
+        logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1].float(), -1)
+        want = logp[torch.arange(len(gen.token_ids)), torch.tensor(gen.token_ids)]
+        torch.testing.assert_close(torch.tensor(gen.logprobs), want, rtol=1e-4, atol=1e-4)
+        assert gen.mean_logprob == pytest.approx(float(want.mean()), abs=1e-4)
+
+
+def test_sampling_is_reproducible_per_seed(tiny):
+    jobs = make_jobs((4,))
+    run = lambda seed: RegionEngine(tiny, EngineConfig(max_new_tokens=8, do_sample=True, top_k=50, seed=seed)).run(jobs)
+    a, b, c = run(1), run(1), run(2)
+    ids = lambda out: [g.token_ids for row in out for g in row]
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+    greedy = RegionEngine(tiny, EngineConfig(max_new_tokens=8)).run(jobs)
+    assert ids(a) != ids(greedy)
+
+
+def test_memory_caps_split_the_batch(tiny):
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_prompts=4, max_tokens=10_000))
+    from model.engine import _Row
+
+    rows = [_Row(0, i, [1] * (5 + i), [0]) for i in range(10)]
+    batches = engine._row_batches(rows, prefix_len=100)
+    assert sorted(r.prompt for b in batches for r in b) == list(range(10))
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) * (100 + max(len(r.suffix) for r in b) + 10) <= 10_000 or len(b) == 1
+
+
+def test_prompts_naming_missing_regions_are_refused(tiny):
+    job = ImageJob(np.zeros((20, 20, 3), np.uint8), [[0, 0, 0.5, 0.5]], [RegionPrompt("What is <region1>?", (3,))])
+    with pytest.raises(ValueError, match=r"refers to boxes \[3\], the image has 1"):
+        RegionEngine(tiny).run([job])
+    job.prompts = [RegionPrompt("Compare <region1> and <region2>.", (0,))]
+    with pytest.raises(ValueError, match="names regions"):
+        RegionEngine(tiny).run([job])
+
+
+def test_images_without_prompts_and_prompts_without_regions(tiny):
+    jobs = [ImageJob(np.zeros((20, 30, 3), np.uint8), torch.zeros(0, 4), []),
+            ImageJob(np.full((30, 20, 3), 90, np.uint8), torch.zeros(0, 4), [RegionPrompt("Describe the picture.")])]
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=5)).run(jobs)
+    assert out[0] == []
+    assert out[1][0].token_ids == naive(tiny, jobs[1:], max_new_tokens=5)[0][0].token_ids
+
+
+@pytest.mark.parametrize(
+    "pieces, stops_at",
+    [
+        (["a", " red", "\n", "###"], 4),
+        (["a", "#", "#", "#", "b"], 4),
+        (["a", "##", "", "#"], 4),  # empty texts (added tokens) are transparent, as in decode()
+        (["x#", "#y", "#"], None),  # "x##y#": no run of three
+        (["x#", "##"], 2),
+        (["x", "a###b"], 2),
+        (["#", "a", "##"], None),
+    ],
+)
+def test_stop_table_finds_the_stop_string_on_ids(pieces, stops_at):
+    vocab = sorted(set(pieces))
+    table = StopTable(vocab)
+    run = torch.zeros(1, dtype=torch.long)
+    hit_at = None
+    for step, piece in enumerate(pieces, 1):
+        run, hit = table.step(run, torch.tensor([vocab.index(piece)]))
+        if hit.item() and hit_at is None:
+            hit_at = step
+    assert hit_at == stops_at
+    text = "".join(pieces)
+    assert (stops_at is not None) == ("###" in text)
