@@ -6,7 +6,7 @@ checks that the two paths generated the same tokens.
 
     python benchmarks/engine.py --preset tiny --images 4 --regions 16            # CPU
     python benchmarks/engine.py --preset gpt4roi-7b --device cuda --images 16 \\
-        --regions 20 --naive-images 1                                           # GPU, bf16
+        --regions 20 --naive-images 1 --kv-gib 40                               # GPU, bf16
 
 Needs only torch, torchvision, transformers, numpy and pillow (runs from a source checkout).
 """
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--regions", type=int, default=16, help="regions (= prompts) per image")
     ap.add_argument("--tokens", type=int, default=32, help="forced answer length")
     ap.add_argument("--max-prompts", type=int, default=EngineConfig.max_prompts)
+    ap.add_argument("--kv-gib", type=float, default=EngineConfig.kv_cache_gib, help="KV-cache budget per decode batch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
           + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
     jobs = make_jobs(args.images, args.regions, seed=0)
     naive_jobs = jobs[: args.naive_images or len(jobs)]
-    cfg = EngineConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, max_prompts=args.max_prompts)
+    cfg = EngineConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, max_prompts=args.max_prompts,
+                       kv_cache_gib=args.kv_gib)
 
     run_engine(loaded, jobs[:1], EngineConfig(max_new_tokens=2, min_new_tokens=2), device)  # warm-up
     if device.startswith("cuda"):

@@ -80,7 +80,12 @@ def random_init_on_device(config: GPT4RoIConfig | str, seed: int = 0, device: st
     biases 0, norm scales 1. Not the training init; a stand-in with realistic shapes and cost.
     """
     config = get_preset(config) if isinstance(config, str) else config
-    model = _empty_model(config).to_empty(device=device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # so that the weights are allocated once, in ``dtype``
+    try:
+        model = _empty_model(config).to_empty(device=device)
+    finally:
+        torch.set_default_dtype(default)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

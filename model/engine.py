@@ -56,7 +56,7 @@ class EngineConfig:
     min_new_tokens: int = 0  # stops are ignored before this many tokens (fixed-length benchmarks)
     max_images: int = 16  # images encoded per vision pass
     max_prompts: int = 256  # prompt rows decoded together
-    max_tokens: int = 262_144  # rows x (prompt + answer) tokens held in the KV cache at once
+    kv_cache_gib: float = 8.0  # KV cache of one decode batch: rows x (prompt + answer) tokens fit in this
     share_prefix: bool = True
     do_sample: bool = False
     temperature: float = 1.0
@@ -101,6 +101,9 @@ class RegionEngine:
         self.tokenizer = loaded.tokenizer
         self.config = config
         self.stops = StopTable(self.tokenizer.token_texts(), device=self.model.device)
+        l = self.model.config.llm
+        kv_bytes_per_token = 2 * l.num_layers * l.num_kv_heads * (l.hidden_size // l.num_heads) * self.model.dtype.itemsize
+        self.max_tokens = int(config.kv_cache_gib * 2**30 // kv_bytes_per_token)
 
     # Public API --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -175,14 +178,14 @@ class RegionEngine:
         return self.model.config.tokens.im_patch_id in ids
 
     def _row_batches(self, rows: list[_Row], prefix_len: int) -> list[list[_Row]]:
-        """Rows grouped so that each group respects ``max_prompts`` and ``max_tokens``."""
+        """Rows grouped so that each group respects ``max_prompts`` and the KV-cache budget."""
         cfg = self.config
         rows = sorted(rows, key=lambda r: len(r.suffix))  # similar lengths pad less
         batches, current, longest = [], [], 0
         for row in rows:
             longest_if = max(longest, len(row.suffix))
             tokens_if = (len(current) + 1) * (prefix_len + longest_if + cfg.max_new_tokens)
-            if current and (len(current) >= cfg.max_prompts or tokens_if > cfg.max_tokens):
+            if current and (len(current) >= cfg.max_prompts or tokens_if > self.max_tokens):
                 batches.append(current)
                 current, longest_if = [], len(row.suffix)
             current.append(row)

@@ -119,7 +119,9 @@ def test_sampling_is_reproducible_per_seed(tiny):
 
 
 def test_memory_caps_split_the_batch(tiny):
-    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_prompts=4, max_tokens=10_000))
+    # tiny, fp32: 2 layers x (K, V) x 64 wide x 4 bytes = 1 KiB of KV cache per token
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_prompts=4, kv_cache_gib=10_000 / 2**20))
+    assert engine.max_tokens == 10_000
     from model.engine import _Row
 
     rows = [_Row(0, i, [1] * (5 + i), [0]) for i in range(10)]
