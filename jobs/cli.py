@@ -57,6 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="x1,y1,x2,y2 in pixels of the image; repeat for several regions")
     _add_model_args(describe)
 
+    train = sub.add_parser("train", help="instruction-tune a GPT4RoI model (stage 1 or 2) from a config file")
+    train.add_argument("--config", type=Path, required=True, help="TOML or JSON with model.train.TrainConfig fields")
+    train.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    train.add_argument("--ray", action="store_true", help="run through Ray Train (DDP) instead of in process")
+    train.add_argument("--workers", type=int, default=2, help="Ray Train workers (with --ray)")
+    train.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (with --ray)")
+
+    world = sub.add_parser("world", help="generate the synthetic shapes world (training and evaluation data)")
+    world.add_argument("--out", type=Path, required=True)
+    world.add_argument("--count", type=int, default=1000, help="number of images")
+    world.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed + k")
+    world.add_argument("--workers", type=int, default=1)
+    world.add_argument("--val-fraction", type=float, default=0.1, help="share of the YOLO set kept for validation")
+
+    evaluate = sub.add_parser("evaluate", help="score a model and a detector on synthetic-world ground truth")
+    evaluate.add_argument("--data", type=Path, required=True, help="a `roiscribe world` folder (ground_truth.jsonl)")
+    evaluate.add_argument("--detector", default=None, help="detector spec (default: the shipped demo detector)")
+    evaluate.add_argument("--limit", type=int, default=200, help="images to score (default 200)")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    _add_model_args(evaluate)
+
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
     delta.add_argument("--base", type=Path, required=True, help="local LLaMA-7B directory (HF layout)")
     delta.add_argument("--delta", type=Path, required=True, help="local GPT4RoI-7B-delta-V0 directory")
@@ -72,6 +93,10 @@ def _device(name: str) -> str:
     return name
 
 
+def _default_detector_spec() -> str | None:
+    return None
+
+
 def _load(args):
     import torch
     from model.checkpoint import load_model
@@ -82,13 +107,13 @@ def _load(args):
 
 
 def _describe(loaded, image, boxes_px, question: str, max_new_tokens: int) -> str:
-    from model.generate import generate_reference
-    from model.prompt import build_prompt
+    """One question about regions of one image; ``<regionN>`` is the N-th box."""
+    from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
     from model.vision import normalize_boxes
 
     boxes = normalize_boxes(boxes_px, *image.size)
-    return generate_reference(loaded.model, loaded.tokenizer, image, boxes, build_prompt(question),
-                              max_new_tokens=max_new_tokens).text
+    job = ImageJob(image, boxes, [RegionPrompt(question, tuple(range(len(boxes))))])
+    return RegionEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens)).run([job])[0][0].text
 
 
 def cmd_demo(args) -> int:
@@ -101,11 +126,17 @@ def cmd_demo(args) -> int:
     print(f"model: {args.model} ({loaded.config.name}); image: {path.name} {image.size[0]}x{image.size[1]}")
     if not Path(str(args.model)).exists():
         print("note: a preset name means random weights, so the answers are noise; pass a trained checkpoint")
+    from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
+    from model.vision import normalize_boxes
+
     names = list(SAMPLE_BOXES)
     boxes = [SAMPLE_BOXES[n] for n in names]
-    for i, name in enumerate(names, 1):
-        answer = _describe(loaded, image, boxes, f"What is in <region{i}>?", args.max_new_tokens)
-        print(f"region{i} {boxes[i - 1]} (drawn: {name}): {answer!r}")
+    prompts = [RegionPrompt("What can you tell me about the region indicated by <region1> in the image?", (i,))
+               for i in range(len(boxes))]
+    job = ImageJob(image, normalize_boxes(boxes, *image.size), prompts)
+    answers = RegionEngine(loaded, EngineConfig(max_new_tokens=args.max_new_tokens)).run([job])[0]
+    for i, (name, gen) in enumerate(zip(names, answers), 1):
+        print(f"region{i} {boxes[i - 1]} (drawn: {name}): {gen.text!r}")
     return 0
 
 
@@ -144,7 +175,60 @@ def cmd_apply_delta(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "describe": cmd_describe, "apply-delta": cmd_apply_delta}
+def cmd_train(args) -> int:
+    from model.train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(args.config)
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
+    if args.ray:
+        from jobs.train import train_on_ray
+
+        final = train_on_ray(cfg, workers=args.workers, use_gpu=args.gpu)
+    else:
+        final = train(cfg)
+    print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_world(args) -> int:
+    from synth.dataset import write_dataset_parallel
+
+    files = write_dataset_parallel(args.out, range(args.seed, args.seed + args.count), args.workers,
+                                   val_fraction=args.val_fraction)
+    print(f"{args.count} images written under {args.out}; conversations: {', '.join(files)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from detectors import GivenBoxes, build_detector
+    from model.engine import EngineConfig
+    from pipeline import AnnotateConfig, annotate
+    from synth.evaluate import answer_scores, detection_scores, read_ground_truth
+
+    truths = read_ground_truth(args.data, args.limit)
+    loaded = _load(args)
+    config = AnnotateConfig(engine=EngineConfig(max_new_tokens=args.max_new_tokens))
+    uris = [t.image for t in truths]
+    scores = {"images": len(truths)}
+    given = GivenBoxes({t.image: t.regions for t in truths})
+    scores["ground_truth_boxes"] = answer_scores(annotate(uris, given, loaded, config), truths)
+    detector_spec = args.detector or _default_detector_spec()
+    if detector_spec:
+        detector = build_detector(detector_spec, device=_device(args.device))
+        results = annotate(uris, detector, loaded, config)
+        scores["detector"] = detection_scores([r.regions for r in results], truths)
+        scores["detector_boxes"] = answer_scores(results, truths)
+    print(json.dumps(scores, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+            "apply-delta": cmd_apply_delta}
 
 
 def main(argv: list[str] | None = None) -> int:

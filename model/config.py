@@ -250,9 +250,35 @@ def _tiny() -> GPT4RoIConfig:
     )
 
 
+def _demo() -> GPT4RoIConfig:
+    """The shipped demo model (trained on the synthetic world by ``roiscribe train``): 8-px
+    patches so that small objects cover several patches, a small LLaMA."""
+    from .tokenizer import BUILTIN_BASE_VOCAB_SIZE
+
+    tokens = TokenConfig.after(BUILTIN_BASE_VOCAB_SIZE)
+    return GPT4RoIConfig(
+        name="demo",
+        vision=VisionConfig(
+            image_size=112, patch_size=8, hidden_size=64, intermediate_size=256, num_layers=4,
+            num_heads=4, image_token_layer=-2, pyramid_layers=(1, 2, 3, 4),
+        ),
+        region=RegionConfig(
+            embed_dim=64, pyramid_upsample=(4, 2, 1, 1), num_fuse_rounds=3, gn_groups=8,
+            roi_output_size=7, roi_sampling_ratio=2, pos_hidden_dim=64, hidden_dim=128, out_dim=128,
+        ),
+        llm=LLMConfig(
+            vocab_size=tokens.im_end_id + 1, hidden_size=128, intermediate_size=384, num_layers=4,
+            num_heads=4, num_kv_heads=4, max_position_embeddings=2048,
+        ),
+        tokens=tokens,
+        tokenizer="builtin",
+    )
+
+
 PRESETS: dict[str, Callable[[], GPT4RoIConfig]] = {
     "gpt4roi-7b": _gpt4roi_7b,
     "tiny": _tiny,
+    "demo": _demo,
 }
 
 

@@ -1,0 +1,319 @@
+"""GPT4RoI instruction tuning, as the paper does it, in two stages.
+
+Stage 1 trains only the region encoder (``spi_module``) on region -> category questions; stage 2
+trains everything but the vision tower on conversations (captions, attributes, multi-region
+questions). The loss covers the assistant turns and their ``###`` stop only.
+
+Training data is the conversation format of ``synth/dataset.py`` (JSONL or Parquet, images by
+path). Each assistant answer is tokenised exactly as the model will produce it at inference: the
+prompt before it ends with ``"\\n### "`` and the answer is ``"Assistant: {answer}\\n###"``.
+
+Single process by default; under ``torch.distributed`` (e.g. Ray Train's TorchTrainer) the same
+loop runs DDP (or FSDP with ``fsdp=True``), each rank reading its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Loaded, load_pretrained, random_init, save_pretrained
+from .config import GPT4RoIConfig
+from .prompt import IMAGE_PREAMBLE, SEP, expand_region_tags, region_order
+from .tokenizer import PromptTokenizer
+from .vision import normalize_boxes, preprocess
+
+IGNORE = -100
+STAGE_TRAINABLE = {1: ("spi_module",), 2: ("mm_projector", "spi_module", "llm")}
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # JSONL / Parquet conversation files
+    out: str = "runs/train"
+    init: str = "tiny"  # a preset name (random init) or a roiscribe checkpoint directory
+    stage: int = 2
+    train_vision_tower: bool = False  # the paper keeps CLIP frozen; a from-scratch demo may not
+    max_steps: int = 1000
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    max_length: int = 2048  # tokens per sample; whole turns beyond it are dropped
+    max_turns: int = 0  # 0: all; else a random subset of the QA pairs of each sample per epoch
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        import tomllib
+
+        path = Path(path)
+        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)} in {path}")
+        base = path.parent
+        raw["data"] = [str((base / d) if not Path(d).is_absolute() else d) for d in raw.get("data", [])]
+        return cls(**raw)
+
+
+# Data ---------------------------------------------------------------------------------------------
+
+def read_conversations(paths: Sequence[str | Path]) -> list[dict]:
+    """Records of the conversation format; image paths resolved against their file's folder."""
+    records = []
+    for path in map(Path, paths):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in rows:
+            image = Path(row["image"])
+            row["image"] = str(image if image.is_absolute() else path.parent / image)
+            records.append(row)
+    if not records:
+        raise ValueError(f"no training records in {list(map(str, paths))}")
+    return records
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    labels: list[int]
+    boxes: list[int]  # index into the record's boxes for each <bbox>, in order
+
+
+def encode_conversation(tokenizer: PromptTokenizer, turns: Sequence[dict], system: str, max_length: int) -> Encoded:
+    """Token ids and labels of a conversation; supervised: each ``Assistant: answer\\n###``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    boxes: list[int] = []
+    for k in range(0, len(turns) - 1, 2):
+        human, gpt = turns[k], turns[k + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise ValueError(f"turns must alternate human / gpt, got {human.get('from')!r}, {gpt.get('from')!r}")
+        question = expand_region_tags(human["value"])
+        if k == 0:
+            prompt = tokenizer.encode(f"{system}\n\n### Human: {IMAGE_PREAMBLE}{question}{SEP}")
+        else:
+            prompt = tokenizer.encode(f"Human: {question}{SEP}", add_bos=False)
+        answer = tokenizer.pieces.encode(f"Assistant: {gpt['value']}\n###")
+        if k and len(ids) + len(prompt) + len(answer) > max_length:
+            break
+        regions = human.get("regions", [])
+        order = region_order(question)
+        if any(not 1 <= n <= len(regions) for n in order):
+            raise ValueError(f"turn {question!r} names regions {order} but lists {regions}")
+        boxes += [regions[n - 1] for n in order]
+        ids += prompt + answer
+        labels += [IGNORE] * len(prompt) + answer
+    return Encoded(ids, labels, boxes)
+
+
+class Batches:
+    """Shuffled batches of encoded samples for one rank, reproducible per (seed, epoch)."""
+
+    def __init__(self, records: list[dict], loaded: Loaded, cfg: TrainConfig, rank: int = 0, world: int = 1):
+        self.records, self.loaded, self.cfg = records, loaded, cfg
+        self.rank, self.world = rank, world
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        order = list(range(len(self.records)))
+        random.Random(self.cfg.seed + epoch).shuffle(order)
+        order = order[self.rank::self.world]
+        bs = self.cfg.batch_size
+        for start in range(skip * bs, len(order) - bs + 1, bs):
+            yield self.collate([self.records[i] for i in order[start:start + bs]], epoch * 1_000_003 + start)
+
+    def collate(self, records: list[dict], salt: int) -> dict:
+        from PIL import Image
+
+        cfg, model_cfg, tok = self.cfg, self.loaded.config, self.loaded.tokenizer
+        rng = random.Random(cfg.seed * 7919 + salt)
+        images, samples, boxes = [], [], []
+        for rec in records:
+            with Image.open(rec["image"]) as im:
+                images.append(im.convert("RGB"))
+            turns = rec["conversations"]
+            if cfg.max_turns:
+                pairs = [turns[i:i + 2] for i in range(0, len(turns), 2)]
+                turns = [t for pair in rng.sample(pairs, min(cfg.max_turns, len(pairs))) for t in pair]
+            enc = encode_conversation(tok, turns, model_cfg.system, cfg.max_length)
+            samples.append(enc)
+            w, h = images[-1].size
+            boxes.append(normalize_boxes([rec["boxes"][i] for i in enc.boxes], w, h))
+        width = max(len(s.ids) for s in samples)
+        pad = model_cfg.tokens.pad_id
+        ids = torch.tensor([s.ids + [pad] * (width - len(s.ids)) for s in samples])
+        labels = torch.tensor([s.labels + [IGNORE] * (width - len(s.ids)) for s in samples])
+        mask = torch.tensor([[1] * len(s.ids) + [0] * (width - len(s.ids)) for s in samples])
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "boxes": boxes,
+                "pixel_values": preprocess(images, model_cfg.vision)}
+
+
+# The loop -----------------------------------------------------------------------------------------
+
+def set_trainable(model: torch.nn.Module, stage: int, train_vision_tower: bool = False) -> list[str]:
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    parts = STAGE_TRAINABLE[stage] + (("vision_tower",) if train_vision_tower else ())
+    model.requires_grad_(False)
+    for name in parts:
+        getattr(model, name).requires_grad_(True)
+    return list(parts)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(cfg.warmup_steps, 1)
+        progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or resume) a training stage; returns the final checkpoint directory."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out)
+    device = _device(cfg.device)
+    resume = _latest_checkpoint(out)
+    loaded = load_pretrained(resume or cfg.init) if (resume or Path(cfg.init).is_dir()) else \
+        random_init(cfg.init, seed=cfg.seed)
+    model = loaded.model.to(device).restore_buffers()
+    model.train()
+    model.vision_tower.train(cfg.train_vision_tower)
+    set_trainable(model, cfg.stage, cfg.train_vision_tower)
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
+    step = 0
+    if resume is not None:
+        state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+    wrapped = _wrap(model, cfg, device)
+    batches = Batches(read_conversations(cfg.data), loaded, cfg, rank, world)
+    per_epoch = max(len(batches.records) // world // cfg.batch_size, 1)
+    autocast = _autocast(cfg, device)
+    bar = _bar(progress and rank == 0, cfg.max_steps, step)
+    loss_avg, t0 = None, time.perf_counter()
+    while step < cfg.max_steps:
+        epoch, skip = divmod(step, per_epoch)
+        for batch in batches.epoch(epoch, skip):
+            with autocast:
+                out_ = wrapped(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                               [b.to(device) for b in batch["boxes"]], batch["attention_mask"].to(device),
+                               labels=batch["labels"].to(device))
+            out_.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(out_.loss.detach())
+            loss_avg = loss if loss_avg is None else 0.95 * loss_avg + 0.05 * loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                _save(loaded, optim, sched, step, cfg, out, loss_avg, time.perf_counter() - t0)
+            if step >= cfg.max_steps:
+                break
+    if bar is not None:
+        bar.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return _latest_checkpoint(out)
+
+
+def _wrap(model, cfg: TrainConfig, device):
+    if not dist.is_initialized():
+        return model
+    if cfg.fsdp:
+        from functools import partial
+
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        policy = partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
+                                        device_id=device if device.type == "cuda" else None)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _autocast(cfg: TrainConfig, device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _save(loaded: Loaded, optim, sched, step: int, cfg: TrainConfig, out: Path, loss: float | None, seconds: float) -> None:
+    """checkpoint-STEP/: the model (roiscribe format) + optimizer state; older ones pruned."""
+    target = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    save_pretrained(loaded, tmp)
+    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp / "trainer_state.pt")
+    (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "loss": loss, "seconds": seconds}, indent=2))
+    tmp.rename(target)  # a checkpoint exists whole or not at all
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.keep_checkpoints]:
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def training_loss(loaded: Loaded, batch: dict) -> torch.Tensor:
+    """The loss of one collated batch (for tests and evaluation)."""
+    m = loaded.model
+    return m(batch["input_ids"], batch["pixel_values"], batch["boxes"], batch["attention_mask"],
+             labels=batch["labels"]).loss

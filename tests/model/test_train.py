@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_pretrained, random_init
+from model.prompt import build_prompt
+from model.train import (IGNORE, Batches, TrainConfig, encode_conversation, read_conversations, set_trainable, train,
+                         training_loss)
+from synth.dataset import write_dataset
+
+TURNS = [
+    {"from": "human", "value": "What is the color of <region1>?", "regions": [1]},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "What is the relationship between <region1> and <region2>?", "regions": [0, 1]},
+    {"from": "gpt", "value": "region1 is left of region2"},
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("world"), range(12))
+
+
+def test_loss_mask_covers_exactly_the_assistant_turns(tiny):
+    tok = tiny.tokenizer
+    enc = encode_conversation(tok, TURNS, tiny.config.system, max_length=4096)
+    assert len(enc.ids) == len(enc.labels)
+    supervised = [i for i, l in zip(enc.ids, enc.labels) if l != IGNORE]
+    assert supervised == tok.pieces.encode("Assistant: red\n###") + tok.pieces.encode(
+        "Assistant: region1 is left of region2\n###")
+    # the first prompt is exactly what inference sends for that question
+    first = tok.encode(build_prompt("What is the color of <region1>?"))
+    assert enc.ids[: len(first)] == first and all(l == IGNORE for l in enc.labels[: len(first)])
+    assert enc.boxes == [1, 0, 1]  # one entry per <bbox>, in order
+    assert enc.ids.count(tiny.config.tokens.bbox_id) == 3
+
+
+def test_long_conversations_drop_whole_turns(tiny):
+    enc = encode_conversation(tiny.tokenizer, TURNS, tiny.config.system, max_length=120)
+    assert tiny.tokenizer.decode([i for i, l in zip(enc.ids, enc.labels) if l != IGNORE]) == "Assistant: red\n###"
+    with pytest.raises(ValueError, match="names regions"):
+        encode_conversation(tiny.tokenizer, [{"from": "human", "value": "<region2>?", "regions": [0]},
+                                             {"from": "gpt", "value": "x"}], tiny.config.system, 4096)
+
+
+@pytest.mark.parametrize("stage, trainable", [(1, {"spi_module"}), (2, {"mm_projector", "spi_module", "llm"})])
+def test_a_few_steps_of_each_stage_reduce_the_loss(world, stage, trainable):
+    loaded = random_init("tiny", seed=1)
+    assert set(set_trainable(loaded.model, stage)) == trainable
+    for name, p in loaded.model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] in trainable), name
+    assert not any(p.requires_grad for p in loaded.model.vision_tower.parameters())
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], batch_size=2, max_turns=6)
+    batch = next(Batches(read_conversations(cfg.data), loaded, cfg).epoch(0))
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=3e-3)
+    with torch.no_grad():
+        before = float(training_loss(loaded, batch))
+    for _ in range(6):
+        training_loss(loaded, batch).backward()
+        optim.step()
+        optim.zero_grad()
+    with torch.no_grad():
+        after = float(training_loss(loaded, batch))
+    # stage 1 moves only the region tokens (3 of ~150 inputs) under a random LLM: a small but real drop
+    assert after < before - (0.005 if stage == 1 else 0.5), (before, after)
+
+
+def test_training_saves_and_resumes(world, tmp_path):
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "run"), init="tiny",
+                      max_steps=4, save_every=2, batch_size=2, max_turns=4, warmup_steps=1, lr=1e-3)
+    final = train(cfg, progress=False)
+    assert final.name == "checkpoint-4"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    state = torch.load(final / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4
+    # resume: a longer run picks up at step 4 and continues from those weights
+    longer = TrainConfig(**{**cfg.__dict__, "max_steps": 6, "keep_checkpoints": 5})
+    before = load_pretrained(final).model.state_dict()
+    resumed = train(longer, progress=False)
+    assert resumed.name == "checkpoint-6"
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    after = load_pretrained(resumed).model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(not k.startswith("vision_tower.") for k in changed)
+    assert json.loads((resumed / "train_config.json").read_text())["max_steps"] == 6

@@ -1,0 +1,82 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import ImageDecodeError, ImageSource, decode_image
+
+
+def encode(im, fmt, **kw):
+    f = io.BytesIO()
+    im.save(f, fmt, **kw)
+    return f.getvalue()
+
+
+def rgb(h=40, w=60, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (60, 40), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 10, 10))  # red patch top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    d = decode_image(ImageSource("x.jpg", encode(im, "JPEG", exif=exif, quality=95)))
+    assert (d.width, d.height) == (40, 60)
+    assert d.array[2:8, -8:-2, 0].mean() > 200  # the patch is now top-right
+    assert d.array[2:8, 2:8, 0].mean() < 50
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "1", "I;16", "F"])
+def test_every_mode_becomes_rgb_uint8(mode):
+    if mode == "I;16":
+        im = Image.fromarray((np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16))
+    elif mode == "F":
+        im = Image.fromarray(np.linspace(0, 255, 40 * 60, dtype=np.float32).reshape(40, 60))
+    else:
+        im = rgb().convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "F" else "PNG"
+    d = decode_image(ImageSource(f"x.{fmt}", encode(im, fmt)))
+    assert d.array.shape == (40, 60, 3) and d.array.dtype == np.uint8
+    if mode == "I;16":  # scaled from 16 bits, not clipped
+        assert d.array.max() > 200 and d.array[0, 0, 0] == 0
+
+
+def test_alpha_is_composited_on_white():
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    assert decode_image(ImageSource("x.png", encode(im, "PNG"))).array.min() == 255
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"just some text\n", "not an image file"),
+        (encode(rgb(), "JPEG")[:300], "corrupt or truncated"),
+    ],
+)
+def test_bad_inputs_give_reasons(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(ImageSource("bad", data))
+
+
+def test_pixel_limit_and_missing_files(tmp_path):
+    big = encode(Image.new("L", (2000, 1000)), "PNG")
+    with pytest.raises(ImageDecodeError, match="2000x1000 = 2000000 pixels, over the limit of 1000000"):
+        decode_image(ImageSource("big.png", big), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        decode_image(ImageSource(str(tmp_path / "nope.png")))
+    with pytest.raises(ImageDecodeError, match="is a directory"):
+        decode_image(ImageSource(str(tmp_path)))
+
+
+def test_paths_and_ids(tmp_path):
+    path = tmp_path / "a.png"
+    rgb().save(path)
+    d = decode_image(ImageSource(str(path)))
+    assert d.uri == str(path) and d.image_id == str(path)
+    assert decode_image(ImageSource(str(path), image_id="img-7")).image_id == "img-7"
+    assert decode_image(ImageSource.of(encode(rgb(), "PNG"), 3)).uri == "bytes:3"
+    d1 = decode_image(ImageSource("x", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")))
+    assert d1.array.tolist() == [[[9, 9, 9]]]
