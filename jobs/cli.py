@@ -47,6 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"roiscribe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    caption = sub.add_parser("caption", help="the main job: caption every image of a source into Parquet")
+    caption.add_argument("source", help="a folder, a glob, a .parquet/.csv manifest or a COCO .json")
+    caption.add_argument("--out", type=Path, required=True, help="output folder (Parquet parts + manifest.json)")
+    caption.add_argument("--model", default="demo", help="demo (shipped), a preset (random weights) or a checkpoint dir")
+    caption.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
+    caption.add_argument("--detector", default="demo", help="demo (shipped), yolo:PATH, torchvision:ARCH:PATH, ...")
+    caption.add_argument("--device", default="auto")
+    caption.add_argument("--batch-size", type=int, default=8, help="images per detect / describe call")
+    caption.add_argument("--max-new-tokens", type=int, default=32)
+    caption.add_argument("--score-threshold", type=float, default=0.25)
+    caption.add_argument("--max-regions", type=int, default=50)
+    caption.add_argument("--captions", default="brief", help="comma list of brief, detailed")
+    caption.add_argument("--attributes", default="color,shape,material,action", help="comma list ('' for none)")
+    caption.add_argument("--max-pairs", type=int, default=8, help="relation questions per image (0: none)")
+    caption.add_argument("--rows-per-part", type=int, default=500, help="rows per Parquet part file")
+    caption.add_argument("--resume", action="store_true", help="skip images already written in --out")
+    caption.add_argument("--retry-failed", action="store_true", help="reprocess images whose rows are errors")
+    caption.add_argument("--no-ray", action="store_true", help="run every stage in this process")
+    caption.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS or a local one)")
+    caption.add_argument("--detect-actors", type=int, default=1)
+    caption.add_argument("--describe-actors", type=int, default=1)
+    caption.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per describe actor (0: 1 if the cluster has GPUs)")
+
+    show = sub.add_parser("show", help="render previews (boxes, labels, captions) and an HTML page of a caption output")
+    show.add_argument("out", type=Path, help="a `roiscribe caption` output folder")
+    show.add_argument("--limit", type=int, default=100, help="images to render")
+    show.add_argument("--preview-dir", type=Path, default=None, help="default: OUT/preview")
+
     demo = sub.add_parser("demo", help="describe the regions of the bundled sample image")
     _add_model_args(demo)
 
@@ -114,6 +142,45 @@ def _describe(loaded, image, boxes_px, question: str, max_new_tokens: int) -> st
     boxes = normalize_boxes(boxes_px, *image.size)
     job = ImageJob(image, boxes, [RegionPrompt(question, tuple(range(len(boxes))))])
     return RegionEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens)).run([job])[0][0].text
+
+
+def cmd_caption(args) -> int:
+    from detectors.postprocess import PostProcess
+    from jobs.caption import CaptionConfig, ResourceError, run_caption
+    from jobs.sources import SourceError, open_source
+    from pipeline.compose import ComposeConfig
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    try:
+        source = open_source(args.source)
+        cfg = CaptionConfig(
+            source=args.source, out=str(args.out), model=args.model, clip=args.clip, detector=args.detector,
+            device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            compose=ComposeConfig(captions=names(args.captions), attributes=names(args.attributes),
+                                  relations=args.max_pairs > 0, max_pairs=args.max_pairs),
+            postprocess=PostProcess(score_threshold=args.score_threshold, max_regions=args.max_regions),
+            use_ray=not args.no_ray, address=args.address, detect_actors=args.detect_actors,
+            describe_actors=args.describe_actors, gpus_per_describe_actor=args.gpus_per_actor,
+            rows_per_part=args.rows_per_part,
+        )
+        summary = run_caption(cfg, source, resume=args.resume, retry_failed=args.retry_failed)
+    except (SourceError, FileExistsError, ResourceError) as e:
+        print(f"roiscribe caption: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing new"
+    print(f"{summary.processed} images processed ({counts}), {summary.skipped} already done; "
+          f"{summary.regions} regions; {summary.images_per_s:.2f} images/s; output: {summary.out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from sinks.preview import render_previews
+
+    page = render_previews(args.out, args.preview_dir or args.out / "preview", limit=args.limit)
+    print(f"previews: {page}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -227,7 +294,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
             "apply-delta": cmd_apply_delta}
 
 

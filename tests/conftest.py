@@ -22,3 +22,29 @@ def rng_image():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def coco_world(tmp_path_factory):
+    """A COCO source of synthetic-world images (boxes = the ground truth) plus one broken file."""
+    import json
+
+    from PIL import Image
+
+    from synth.world import generate_scene
+
+    root = tmp_path_factory.mktemp("coco_world")
+    (root / "imgs").mkdir()
+    images, anns = [], []
+    for k in range(6):
+        scene = generate_scene(500 + k)
+        Image.fromarray(scene.image).save(root / "imgs" / f"{k}.png")
+        images.append({"id": k, "file_name": f"imgs/{k}.png", "width": scene.width, "height": scene.height})
+        for o in scene.objects:
+            x1, y1, x2, y2 = o.box
+            anns.append({"id": len(anns), "image_id": k, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+    (root / "imgs" / "broken.png").write_bytes(b"not a png")
+    images.append({"id": 99, "file_name": "imgs/broken.png", "width": 10, "height": 10})
+    (root / "coco.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                "categories": [{"id": 1, "name": "shape"}]}))
+    return root / "coco.json"

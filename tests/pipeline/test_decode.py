@@ -80,3 +80,15 @@ def test_paths_and_ids(tmp_path):
     assert decode_image(ImageSource.of(encode(rgb(), "PNG"), 3)).uri == "bytes:3"
     d1 = decode_image(ImageSource("x", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")))
     assert d1.array.tolist() == [[[9, 9, 9]]]
+
+
+def test_non_images_are_reported_after_ultralytics_patched_pil():
+    """ultralytics replaces PIL's Image.open with one that tries an optional HEIF plugin on
+    unidentified files; a missing plugin must still read as 'not an image', not crash."""
+    from detectors.ultralytics_backend import offline_environment
+
+    offline_environment()
+    import ultralytics  # noqa: F401  (applies the patch)
+
+    with pytest.raises(ImageDecodeError, match="not an image file"):
+        decode_image(ImageSource("x.bin", b"\x00\x01\x02 definitely not an image"))

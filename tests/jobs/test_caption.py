@@ -1,0 +1,179 @@
+"""The main job on a real local Ray cluster, against the in-process run of the same stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.caption import CaptionConfig, check_resources, ResourceError, run_caption
+from jobs.sources import open_source
+from pipeline.compose import ComposeConfig
+from sinks.parquet import read_rows
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SMALL = dict(model="tiny", max_new_tokens=3, batch_size=2, compose=ComposeConfig(attributes=("color",), max_pairs=2))
+
+
+def rows_by_id(out) -> dict:
+    rows = read_rows(out).to_pylist()
+    ids = [r["image_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an image was written twice"
+    return {r["image_id"]: r for r in rows}
+
+
+def same_rows(a: dict, b: dict) -> None:
+    """Equal rows, floats to 1e-4 (batches of different shapes round differently), timings aside."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        ra, rb = dict(a[key]), dict(b[key])
+        for k in ("timings", "processed_by"):
+            ra.pop(k), rb.pop(k)
+        assert json.dumps(ra, sort_keys=True, default=str) == json.dumps(rb, sort_keys=True, default=str) or \
+            _close(ra, rb), key
+
+
+def _close(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, list):
+        return len(x) == len(y) and all(_close(a, b) for a, b in zip(x, y))
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) <= 1e-4
+    return x == y
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from jobs.ray_cluster import connect
+
+    connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_rows_equal_in_process_rows(ray_local, coco_world, tmp_path):
+    source = open_source(str(coco_world))
+    inproc = run_caption(CaptionConfig(str(coco_world), str(tmp_path / "a"), use_ray=False, **SMALL), source, progress=False)
+    on_ray = run_caption(CaptionConfig(str(coco_world), str(tmp_path / "b"), use_ray=True, **SMALL), source, progress=False)
+    assert inproc.counts == on_ray.counts == {"ok": 6, "error": 1}
+    a, b = rows_by_id(tmp_path / "a"), rows_by_id(tmp_path / "b")
+    same_rows(a, b)
+    assert a["99"]["status"] == "error" and a["99"]["error"].startswith("decode: ")
+    assert all(a[str(k)]["num_regions"] > 0 for k in range(6))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["schema"] == "roiscribe/1" and manifest["counts"] == {"ok": 6, "error": 1}
+    assert manifest["config"]["model"] == "tiny" and "ray" in manifest["versions"]
+
+
+def test_a_killed_describe_actor_does_not_lose_or_double_images(ray_local, coco_world, tmp_path):
+    import psutil
+
+    killed = []
+
+    def describe_actor_pids():
+        pids = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if "DescribeActor" in " ".join(p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        return pids
+
+    def kill_describe_actor():
+        for _ in range(3000):
+            pids = describe_actor_pids()
+            if pids:
+                time.sleep(3.0)  # let it load its model and start on a batch
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_describe_actor)
+    killer.start()
+    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), use_ray=True, **{**SMALL, "batch_size": 1})
+    summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
+    killer.join()
+    assert killed, "the test never found the describe actor to kill"
+    assert summary.counts == {"ok": 6, "error": 1}
+    assert len(rows_by_id(tmp_path / "out")) == 7
+
+
+def test_resources_that_cannot_fit_are_refused():
+    cfg = CaptionConfig("x", "y", describe_actors=4)
+    with pytest.raises(ResourceError, match="need 4.75 CPUs"):
+        check_resources(cfg, {"CPU": 2.0})
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_killed_driver_then_resume_writes_every_image_once(coco_world, tmp_path):
+    out = tmp_path / "out"
+    args = ["caption", str(coco_world), "--out", str(out), "--model", "tiny", "--max-new-tokens", "3",
+            "--attributes", "color", "--max-pairs", "0", "--batch-size", "1", "--rows-per-part", "1", "--no-ray"]
+    proc = _cli(*args)
+    data = out / "data"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(data.glob("part-*.parquet")) if data.exists() else []) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = rows_by_id(out)
+    assert 2 <= len(partial) < 7, "the driver should die mid-job"
+    done = _cli(*args, "--resume")
+    stdout, stderr = done.communicate(timeout=600)
+    assert done.returncode == 0, stderr
+    rows = rows_by_id(out)
+    assert sorted(rows) == sorted(["0", "1", "2", "3", "4", "5", "99"])
+    assert f"{7 - len(partial)} images processed" in stdout and f"{len(partial)} already done" in stdout
+
+
+def test_mixed_folder_one_row_per_file_exit_zero_and_bad_arguments(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(folder / "good.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("hello")
+    (folder / "sub").mkdir()
+    Image.new("L", (20, 20)).save(folder / "sub" / "gray.png")
+    out = tmp_path / "out"
+    r = _cli("caption", str(folder), "--out", str(out), "--model", "tiny", "--detector", "given", "--no-ray",
+             "--max-new-tokens", "2")
+    stdout, stderr = r.communicate(timeout=300)
+    assert r.returncode == 0, stderr
+    rows = rows_by_id(out)
+    assert {k: v["status"] for k, v in rows.items()} == {
+        "good.png": "ok", "empty.jpg": "error", "notes.txt": "error", "sub/gray.png": "ok"}
+    assert "2 error, 2 ok" in stdout
+    again = _cli("caption", str(folder), "--out", str(out), "--model", "tiny", "--detector", "given", "--no-ray")
+    assert again.wait(timeout=300) == 2 and "--resume" in again.stderr.read()
+    missing = _cli("caption", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--no-ray")
+    assert missing.wait(timeout=300) == 2 and "does not exist" in missing.stderr.read()
+
+
+def test_retry_failed_replaces_error_rows(coco_world, tmp_path):
+    import shutil
+
+    root = tmp_path / "world"
+    shutil.copytree(coco_world.parent, root)
+    source = str(root / "coco.json")
+    cfg = CaptionConfig(source, str(tmp_path / "out"), use_ray=False, **SMALL)
+    run_caption(cfg, open_source(source), progress=False)
+    assert rows_by_id(tmp_path / "out")["99"]["status"] == "error"
+    shutil.copy(root / "imgs" / "0.png", root / "imgs" / "broken.png")  # the file is fixed
+    again = run_caption(cfg, open_source(source), retry_failed=True, progress=False)
+    assert (again.processed, again.skipped, again.counts) == (1, 6, {"ok": 1})
+    rows = rows_by_id(tmp_path / "out")
+    assert len(rows) == 7 and rows["99"]["status"] == "ok"

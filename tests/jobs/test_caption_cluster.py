@@ -1,0 +1,39 @@
+"""The main job on a two-node Ray cluster started on this machine (Ray's cluster test utility:
+a head and a worker node, each its own raylet)."""
+
+import os
+
+import pytest
+
+from jobs.caption import CaptionConfig, run_caption
+from jobs.sources import open_source
+from pipeline.compose import ComposeConfig
+from sinks.parquet import read_rows
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_the_job_uses_both_nodes(two_nodes, coco_world, tmp_path):
+    cluster, worker = two_nodes
+    # 2 describe actors x 1 CPU + detect 0.5 + decode 0.25 do not fit on either node alone (1 and 2 CPUs)
+    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=2, batch_size=2,
+                        compose=ComposeConfig(attributes=(), max_pairs=0), describe_actors=2, use_ray=True)
+    summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
+    assert summary.counts == {"ok": 6, "error": 1}
+    rows = read_rows(tmp_path / "out").to_pylist()
+    assert len(rows) == 7
+    assert {r["processed_by"] for r in rows} == {cluster.head_node.node_id, worker.node_id}
