@@ -82,7 +82,7 @@ class UltralyticsDetector:
     images share its batch; ``rect=True`` trades that for less padding on non-square images.
     """
 
-    def __init__(self, weights: str, device: str = "cpu", imgsz: int = 640, conf: float = 0.001,
+    def __init__(self, weights: str, device: str = "cpu", imgsz: int | None = None, conf: float = 0.001,
                  max_det: int = 300, batch_size: int = 16, class_names: Sequence[str] | None = None,
                  rect: bool = False):
         offline_environment()
@@ -96,6 +96,9 @@ class UltralyticsDetector:
         self.name = f"yolo:{Path(weights).name}"
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        # Default: the size the checkpoint was trained at (a model trained at 256 px sees objects at
+        # another scale at 640); 640 for a YAML or a checkpoint that does not record it.
+        imgsz = imgsz or _trained_imgsz(self.model) or 640
         self.predict_args = dict(imgsz=imgsz, conf=conf, max_det=max_det, rect=rect, verbose=False)
         self.class_names = _class_names(self.model.names, class_names)
 
@@ -112,6 +115,13 @@ class UltralyticsDetector:
         ids = boxes.cls.cpu().numpy().astype(np.int64)
         return Regions(boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy(), ids,
                        [self.class_names[i] for i in ids], self.name)
+
+
+def _trained_imgsz(model) -> int | None:
+    size = (getattr(model, "ckpt", None) or {}).get("train_args", {}).get("imgsz")
+    if size is None:
+        size = getattr(model, "overrides", {}).get("imgsz")
+    return int(size) if isinstance(size, (int, float)) and size > 0 else None
 
 
 def _check_weights(weights: str) -> str:

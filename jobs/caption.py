@@ -66,7 +66,9 @@ class CaptionConfig:
 # Model and detector resolution ----------------------------------------------------------------------
 
 def demo_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "demo"
+    from importlib import resources
+
+    return Path(str(resources.files("demo")))
 
 
 def resolve_model_spec(spec: str) -> str:
@@ -359,6 +361,12 @@ def _bar(enabled: bool, total: int):
     return tqdm(total=total, unit="img", desc="caption", dynamic_ncols=True)
 
 
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def write_manifest(out: Path, cfg: CaptionConfig, summary: JobSummary) -> None:
     all_status = statuses(out)
     totals: dict[str, int] = {}
@@ -374,6 +382,7 @@ def write_manifest(out: Path, cfg: CaptionConfig, summary: JobSummary) -> None:
         "schema": SCHEMA_VERSION, "config": asdict(cfg), "versions": versions, "python": platform.python_version(),
         "rows": len(all_status), "counts": totals,
         "last_run": {"processed": summary.processed, "skipped": summary.skipped, "counts": summary.counts,
-                     "regions": summary.regions, "seconds": round(summary.seconds, 3)},
+                     "regions": summary.regions, "seconds": round(summary.seconds, 3),
+                     "driver_peak_rss_mib": round(_peak_rss_mib(), 1)},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

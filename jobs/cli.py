@@ -32,8 +32,8 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="preset name (random weights) or a local checkpoint directory (default: tiny)")
+    p.add_argument("--model", default="demo",
+                   help="demo (the shipped model), a preset name (random weights) or a local checkpoint directory")
     p.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--detector", default=None, help="detector spec (default: the shipped demo detector)")
     evaluate.add_argument("--limit", type=int, default=200, help="images to score (default 200)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    evaluate.add_argument("--score-threshold", type=float, default=0.25, help="detector score kept for captioning")
     _add_model_args(evaluate)
 
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
@@ -122,7 +123,10 @@ def _device(name: str) -> str:
 
 
 def _default_detector_spec() -> str | None:
-    return None
+    from jobs.caption import demo_dir
+
+    path = demo_dir() / "detector.pt"
+    return f"yolo:{path}" if path.is_file() else None
 
 
 def _load(args):
@@ -131,7 +135,9 @@ def _load(args):
 
     device = _device(args.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return load_model(args.model, clip=args.clip, device=device, dtype=dtype)
+    from jobs.caption import resolve_model_spec
+
+    return load_model(resolve_model_spec(args.model), clip=args.clip, device=device, dtype=dtype)
 
 
 def _describe(loaded, image, boxes_px, question: str, max_new_tokens: int) -> str:
@@ -191,8 +197,8 @@ def cmd_demo(args) -> int:
         image = Image.open(p).convert("RGB")
     loaded = _load(args)
     print(f"model: {args.model} ({loaded.config.name}); image: {path.name} {image.size[0]}x{image.size[1]}")
-    if not Path(str(args.model)).exists():
-        print("note: a preset name means random weights, so the answers are noise; pass a trained checkpoint")
+    if args.model not in ("demo",) and not Path(str(args.model)).exists():
+        print("note: a preset name means random weights, so the answers are noise")
     from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
     from model.vision import normalize_boxes
 
@@ -267,6 +273,19 @@ def cmd_world(args) -> int:
     return 0
 
 
+def _raw_detections(detector, uris):
+    """Detections for mAP: post-processed (clip, NMS) but kept down to a very low score."""
+    from detectors.postprocess import PostProcess, postprocess
+    from pipeline import ImageSource, decode_image
+
+    keep_all = PostProcess(score_threshold=0.001, max_regions=100)
+    out = []
+    for start in range(0, len(uris), 16):
+        images = [decode_image(ImageSource(u)) for u in uris[start:start + 16]]
+        out += [postprocess(r, im.width, im.height, keep_all) for im, r in zip(images, detector.detect(images))]
+    return out
+
+
 def cmd_evaluate(args) -> int:
     import json
 
@@ -277,7 +296,10 @@ def cmd_evaluate(args) -> int:
 
     truths = read_ground_truth(args.data, args.limit)
     loaded = _load(args)
-    config = AnnotateConfig(engine=EngineConfig(max_new_tokens=args.max_new_tokens))
+    from detectors.postprocess import PostProcess
+
+    config = AnnotateConfig(engine=EngineConfig(max_new_tokens=args.max_new_tokens),
+                            postprocess=PostProcess(score_threshold=args.score_threshold))
     uris = [t.image for t in truths]
     scores = {"images": len(truths)}
     given = GivenBoxes({t.image: t.regions for t in truths})
@@ -285,9 +307,8 @@ def cmd_evaluate(args) -> int:
     detector_spec = args.detector or _default_detector_spec()
     if detector_spec:
         detector = build_detector(detector_spec, device=_device(args.device))
-        results = annotate(uris, detector, loaded, config)
-        scores["detector"] = detection_scores([r.regions for r in results], truths)
-        scores["detector_boxes"] = answer_scores(results, truths)
+        scores["detector"] = detection_scores(_raw_detections(detector, uris), truths, args.score_threshold)
+        scores["detector_boxes"] = answer_scores(annotate(uris, detector, loaded, config), truths)
     print(json.dumps(scores, indent=2))
     if args.json:
         args.json.write_text(json.dumps(scores, indent=2))

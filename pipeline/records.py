@@ -78,6 +78,8 @@ class Regions:
     def select(self, index: np.ndarray | Sequence[int]) -> "Regions":
         """The regions at ``index`` (an integer index array or a boolean mask), in that order."""
         index = np.asarray(index)
+        if index.size == 0:
+            index = index.astype(np.int64)
         if index.dtype == bool:
             index = np.flatnonzero(index)
         return Regions(self.boxes[index], self.scores[index], self.class_ids[index],

@@ -18,7 +18,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -29,9 +29,10 @@ def two_nodes():
 
 def test_the_job_uses_both_nodes(two_nodes, coco_world, tmp_path):
     cluster, worker = two_nodes
-    # 2 describe actors x 1 CPU + detect 0.5 + decode 0.25 do not fit on either node alone (1 and 2 CPUs)
-    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=2, batch_size=2,
-                        compose=ComposeConfig(attributes=(), max_pairs=0), describe_actors=2, use_ray=True)
+    # two describe actors of 1.5 CPUs cannot share a 2-CPU node: one must run on each
+    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=2, batch_size=1,
+                        compose=ComposeConfig(attributes=(), max_pairs=0), describe_actors=2, describe_cpus=1.5,
+                        detect_cpus=0.25, use_ray=True)
     summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
     assert summary.counts == {"ok": 6, "error": 1}
     rows = read_rows(tmp_path / "out").to_pylist()

@@ -1,0 +1,1 @@
+"""The shipped demo models (trained on the synthetic world) and sample images."""
