@@ -86,3 +86,19 @@ def test_training_saves_and_resumes(world, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(not k.startswith("vision_tower.") for k in changed)
     assert json.loads((resumed / "train_config.json").read_text())["max_steps"] == 6
+
+
+def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):
+    import ray
+
+    from jobs.train import train_on_ray
+
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "ray_run"), init="tiny",
+                      max_steps=2, save_every=2, batch_size=1, max_turns=2, warmup_steps=1)
+    try:
+        final = train_on_ray(cfg, workers=2, cpus_per_worker=0.5)
+    finally:
+        ray.shutdown()
+    assert final is not None and final.name == "checkpoint-2"
+    assert torch.load(final / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert load_pretrained(final).config.name == "tiny"
