@@ -79,7 +79,9 @@ class GPT4RoI(nn.Module):
     # Vision side -------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """(B, 3, S, S) preprocessed pixels -> image tokens and the fused pyramid."""
-        with torch.no_grad():  # the tower is frozen, as in the paper
+        # Frozen, as in the paper (no graph is kept) -- unless training has unfrozen it.
+        tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(tower_trains):
             out = self.vision_tower(
                 pixel_values.to(self.device, self.vision_tower.dtype), output_hidden_states=True
             )

@@ -102,3 +102,16 @@ def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):
     assert final is not None and final.name == "checkpoint-2"
     assert torch.load(final / "trainer_state.pt", weights_only=True)["step"] == 2
     assert load_pretrained(final).config.name == "tiny"
+
+
+def test_an_unfrozen_vision_tower_learns_and_a_frozen_one_does_not(world):
+    loaded = random_init("tiny", seed=2)
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], batch_size=2, max_turns=4)
+    batch = next(Batches(read_conversations(cfg.data), loaded, cfg).epoch(0))
+    for unfrozen in (False, True):
+        set_trainable(loaded.model, 2, train_vision_tower=unfrozen)
+        loaded.model.zero_grad(set_to_none=True)
+        training_loss(loaded, batch).backward()
+        grads = [p.grad for p in loaded.model.vision_tower.parameters()]
+        assert all(g is None for g in grads) != unfrozen
+        assert loaded.model.spi_module.roi_align.updims.weight.grad is not None
