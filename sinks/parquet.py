@@ -168,30 +168,24 @@ def reconcile(out: str | Path) -> int:
     """Make every image_id appear once: where an id is in several parts (a retried image whose
     old row was not yet removed when a job stopped), keep the row in the newest part and rewrite
     the older parts without it. Returns the number of rows removed."""
-    parts = part_files(out)
     newest: dict[str, Path] = {}
-    for part in parts:  # sorted by part number: later parts win
+    for part in part_files(out):  # sorted by part number: later parts win
         for image_id in pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist():
             newest[image_id] = part
-    removed = 0
-    for part in parts:
-        table = pq.read_table(part, schema=SCHEMA)
-        keep = [newest[i] == part for i in table.column("image_id").to_pylist()]
-        if all(keep):
-            continue
-        removed += keep.count(False)
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(table.filter(pa.array(keep)), tmp)
-        os.replace(tmp, part)
-    return removed
+    return _rewrite_parts(out, lambda image_id, part: newest[image_id] == part)
 
 
 def remove_ids(out: str | Path, image_ids: set[str]) -> int:
     """Rewrite the parts holding rows of ``image_ids`` without them (each part atomically)."""
+    return _rewrite_parts(out, lambda image_id, part: image_id not in image_ids)
+
+
+def _rewrite_parts(out: str | Path, keep_row) -> int:
+    """Rewrite, atomically, each part that holds rows ``keep_row(image_id, part)`` rejects."""
     removed = 0
     for part in part_files(out):
         table = pq.read_table(part, schema=SCHEMA)
-        keep = [i not in image_ids for i in table.column("image_id").to_pylist()]
+        keep = [keep_row(i, part) for i in table.column("image_id").to_pylist()]
         if all(keep):
             continue
         removed += keep.count(False)
