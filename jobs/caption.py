@@ -27,7 +27,7 @@ from pipeline.compose import ComposeConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_image
 from pipeline.flow import ERROR, OK, AnnotateConfig, ImageResult, _describe, _detect
 from pipeline.records import DecodedImage, Regions
-from sinks.parquet import SCHEMA_VERSION, ParquetSink, Provenance, reconcile, remove_ids, result_to_row, statuses
+from sinks.parquet import SCHEMA_VERSION, ParquetSink, Provenance, reconcile, result_to_row, statuses
 
 from .sources import Source, SourceItem
 

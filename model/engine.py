@@ -195,7 +195,7 @@ class RegionEngine:
     # Decoding ----------------------------------------------------------------------------------
     def _decode(self, rows: list[_Row], prefix: list[int], prefix_kv, features: ImageFeatures,
                 region_tokens: list[torch.Tensor]) -> list[Generation]:
-        model, cfg, device = self.model, self.config, self.model.device
+        model, device = self.model, self.model.device
         n, plen = len(rows), len(prefix)
         width = max(len(r.suffix) for r in rows)
         image_of_row = torch.tensor([r.job for r in rows], device=device)

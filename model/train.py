@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Loaded, load_pretrained, random_init, save_pretrained
-from .config import GPT4RoIConfig
 from .prompt import IMAGE_PREAMBLE, SEP, expand_region_tags, region_order
 from .tokenizer import PromptTokenizer
 from .vision import normalize_boxes, preprocess

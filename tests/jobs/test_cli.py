@@ -5,7 +5,6 @@ import sys
 import numpy as np
 from PIL import Image
 
-import pytest
 
 
 def run(*args):

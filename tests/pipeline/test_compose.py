@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from pipeline.compose import ComposeConfig, Instruction, Templates, compose, select_pairs
