@@ -107,16 +107,16 @@ def load_engine(cfg: CaptionConfig):
     return RegionEngine(loaded, cfg.annotate_config().engine)
 
 
-def load_detector(cfg: CaptionConfig, coco: str | None):
-    from detectors import GivenBoxes, build_detector
+def load_detector(cfg: CaptionConfig, given: str | None):
+    from detectors import build_detector
 
-    if coco is not None:
-        return GivenBoxes.from_coco(coco)
+    if given is not None:  # the source's own boxes (COCO, a Label Studio pull)
+        return build_detector(given)
     return build_detector(resolve_detector_spec(cfg.detector), device=_device(cfg.device))
 
 
 def provenance(cfg: CaptionConfig, source: Source) -> Provenance:
-    detector = f"given:coco:{source.coco}" if source.coco else resolve_detector_spec(cfg.detector)
+    detector = source.given_spec or resolve_detector_spec(cfg.detector)
     return Provenance(detector=detector, model=resolve_model_spec(cfg.model),
                       templates_version=cfg.compose.templates.version)
 
@@ -152,8 +152,8 @@ def describe_stage(pairs, engine, cfg: AnnotateConfig) -> None:
 
 # In process ------------------------------------------------------------------------------------------
 
-def rows_inprocess(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, coco: str | None) -> Iterator[list[dict]]:
-    detector, engine, acfg = load_detector(cfg, coco), load_engine(cfg), cfg.annotate_config()
+def rows_inprocess(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, given: str | None) -> Iterator[list[dict]]:
+    detector, engine, acfg = load_detector(cfg, given), load_engine(cfg), cfg.annotate_config()
     for start in range(0, len(items), cfg.batch_size):
         pairs = decode_stage(items[start:start + cfg.batch_size], cfg.max_pixels)
         detect_stage(pairs, detector, acfg)
@@ -212,9 +212,9 @@ def decode_task(batch: dict, max_pixels: int) -> dict:
 class DetectActor:
     """Ray Data actor: holds the detector."""
 
-    def __init__(self, cfg: dict, coco: str | None):
+    def __init__(self, cfg: dict, given: str | None):
         self.cfg = _config_from_dict(cfg)
-        self.detector = load_detector(self.cfg, coco)
+        self.detector = load_detector(self.cfg, given)
         self.acfg = self.cfg.annotate_config()
 
     def __call__(self, batch: dict) -> dict:
@@ -269,7 +269,7 @@ def check_resources(cfg: CaptionConfig, resources: dict) -> None:
                             f"the cluster's {resources.get('GPU', 0):g} GPUs")
 
 
-def rows_on_ray(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, coco: str | None) -> Iterator[list[dict]]:
+def rows_on_ray(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, given: str | None) -> Iterator[list[dict]]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -283,7 +283,7 @@ def rows_on_ray(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, c
                              override_num_blocks=max(1, len(items) // cfg.batch_size))
     ds = ds.map_batches(decode_task, fn_kwargs={"max_pixels": cfg.max_pixels}, batch_size=cfg.batch_size,
                         num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(DetectActor, fn_constructor_args=(cfg_dict, str(coco) if coco else None),
+    ds = ds.map_batches(DetectActor, fn_constructor_args=(cfg_dict, given),
                         batch_size=cfg.batch_size, num_cpus=cfg.detect_cpus,
                         compute=ActorPoolStrategy(size=cfg.detect_actors))
     ds = ds.map_batches(DescribeActor, fn_constructor_args=(cfg_dict, asdict(prov)), batch_size=cfg.batch_size,
@@ -328,13 +328,13 @@ def run_caption(cfg: CaptionConfig, source: Source, resume: bool = False, retry_
     out = Path(cfg.out)
     todo, replacing = plan(source.items, out, resume, retry_failed)
     prov = provenance(cfg, source)
-    coco = str(source.coco) if source.coco else None
+    given = source.given_spec
     rows = rows_on_ray if cfg.use_ray else rows_inprocess
     counts: dict[str, int] = {}
     n_regions, t0 = 0, time.perf_counter()
     bar = _bar(progress, len(todo))
     with ParquetSink(out, cfg.rows_per_part) as sink:
-        for batch in (rows(todo, cfg, prov, coco) if todo else []):
+        for batch in (rows(todo, cfg, prov, given) if todo else []):
             batch = [r for r in batch]
             sink.write(batch)
             for r in batch:

@@ -14,6 +14,20 @@ SAMPLE_BOXES = {  # pixel boxes of the shapes in the bundled sample image (jobs/
 }
 
 
+def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -> None:
+    p.add_argument("--project", required=project_required, default=None,
+                   help="Label Studio project title (created if missing) or numeric id")
+    p.add_argument("--images", choices=("local-files", "upload", "url"), default=None,
+                   help="how tasks reach their images: local-files under --document-root (the default when it "
+                        "is given), upload to the project (the default otherwise), or url (http(s) uris, or "
+                        "--url-prefix + the path under --document-root)")
+    p.add_argument("--document-root", default=None,
+                   help="the folder Label Studio serves as local files (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
+    p.add_argument("--url-prefix", default=None, help="with --images url: prefix + the path under --document-root")
+    p.add_argument("--model-version", default=None, help="prediction model_version (default: from the output's provenance)")
+    p.add_argument("--chunk-size", type=int, default=500, help="tasks per import request")
+
+
 def _version() -> str:
     try:
         return metadata.version("roiscribe")
@@ -69,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--detect-actors", type=int, default=1)
     caption.add_argument("--describe-actors", type=int, default=1)
     caption.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per describe actor (0: 1 if the cluster has GPUs)")
+    caption.add_argument("--from-label-studio", metavar="PROJECT", default=None,
+                         help="caption a Label Studio project's tasks (SOURCE is then the server URL); "
+                              "results go back to it as predictions")
+    caption.add_argument("--ls-boxes", choices=("annotations", "detector"), default="annotations",
+                         help="with --from-label-studio: the boxes annotators drew (default) or the detector's")
+    caption.add_argument("--to-label-studio", metavar="URL", default=None,
+                         help="also push the output to this Label Studio server (see `roiscribe push`)")
+    _add_label_studio_args(caption, project_required=False)
+
+    push = sub.add_parser("push", help="push a caption output into Label Studio as tasks with predictions")
+    push.add_argument("out", type=Path, help="a `roiscribe caption` output folder")
+    push.add_argument("--url", required=True, help="the Label Studio server, e.g. http://127.0.0.1:8080")
+    _add_label_studio_args(push, project_required=True)
+
+    backend = sub.add_parser("ml-backend", help="serve the engine as a Label Studio ML backend (draw a box, get its description)")
+    backend.add_argument("--host", default="127.0.0.1")
+    backend.add_argument("--port", type=int, default=9090)
+    backend.add_argument("--detector", default="demo", help="for pre-annotating whole images (no drawn box)")
+    backend.add_argument("--label-studio-url", default=None, help="the server whose uploaded images tasks point at")
+    backend.add_argument("--document-root", default=None, help="the server's local-files document root")
+    backend.add_argument("--model-version", default="roiscribe-interactive")
+    _add_model_args(backend)
 
     show = sub.add_parser("show", help="render previews (boxes, labels, captions) and an HTML page of a caption output")
     show.add_argument("out", type=Path, help="a `roiscribe caption` output folder")
@@ -155,12 +191,23 @@ def cmd_caption(args) -> int:
     from jobs.caption import CaptionConfig, ResourceError, run_caption
     from jobs.sources import SourceError, open_source
     from pipeline.compose import ComposeConfig
+    from sinks.label_studio import LabelStudioError
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in text.split(",") if n.strip())
 
+    push_url = args.to_label_studio
     try:
-        source = open_source(args.source)
+        if args.from_label_studio:
+            from jobs.label_studio import pull_source
+
+            client = _client(args.source)
+            source, pid = pull_source(client, args.from_label_studio, args.out, args.document_root, args.ls_boxes)
+            push_url, args.project = args.source, str(pid)
+        else:
+            source = open_source(args.source)
+        if push_url and not args.project:
+            raise SourceError("--to-label-studio needs --project")
         cfg = CaptionConfig(
             source=args.source, out=str(args.out), model=args.model, clip=args.clip, detector=args.detector,
             device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -172,12 +219,69 @@ def cmd_caption(args) -> int:
             rows_per_part=args.rows_per_part,
         )
         summary = run_caption(cfg, source, resume=args.resume, retry_failed=args.retry_failed)
-    except (SourceError, FileExistsError, ResourceError) as e:
+    except (SourceError, FileExistsError, ResourceError, LabelStudioError) as e:
         print(f"roiscribe caption: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing new"
     print(f"{summary.processed} images processed ({counts}), {summary.skipped} already done; "
           f"{summary.regions} regions; {summary.images_per_s:.2f} images/s; output: {summary.out}")
+    if push_url:
+        args.url = push_url
+        return _push(args, args.out)
+    return 0
+
+
+def _client(url: str):
+    from sinks.label_studio import LabelStudio, api_token
+
+    return LabelStudio(url, api_token())
+
+
+def _push(args, out: Path) -> int:
+    from sinks.label_studio import ImageRefs, LabelStudioError, PushConfig, push
+    from sinks.parquet import read_rows
+
+    mode = args.images or ("local-files" if args.document_root else "upload")
+    try:
+        rows = read_rows(out).to_pylist()
+        if not rows:
+            raise LabelStudioError(f"{out} holds no rows to push (run `roiscribe caption` first)")
+        cfg = PushConfig(args.url, args.project, ImageRefs(mode, args.document_root, args.url_prefix),
+                         model_version=args.model_version, chunk_size=args.chunk_size)
+        report = push(rows, cfg, client=_client(args.url))
+    except LabelStudioError as e:
+        print(f"roiscribe push: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed to {args.url}: {report.summary()}")
+    for err in report.rejected[:20]:
+        print(f"  rejected {err.key}: {err.reason}", file=sys.stderr)
+    if len(report.rejected) > 20:
+        print(f"  ... and {len(report.rejected) - 20} more rejected rows", file=sys.stderr)
+    return 1 if report.rejected else 0
+
+
+def cmd_push(args) -> int:
+    return _push(args, args.out)
+
+
+def cmd_ml_backend(args) -> int:
+    import logging
+    import time
+
+    from jobs.ml_backend import BackendConfig, Predictor, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = BackendConfig(model=args.model, detector=args.detector, device=args.device,
+                        label_studio_url=args.label_studio_url, document_root=args.document_root,
+                        model_version=args.model_version, max_new_tokens=args.max_new_tokens)
+    server = serve(Predictor(cfg), args.host, args.port)
+    print(f"roiscribe ML backend on http://{args.host}:{server.server_port} (model {args.model}); "
+          "connect it in Label Studio: project Settings -> Model", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
     return 0
 
 
@@ -316,7 +420,7 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
-            "apply-delta": cmd_apply_delta}
+            "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend}
 
 
 def main(argv: list[str] | None = None) -> int:

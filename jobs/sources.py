@@ -32,6 +32,12 @@ class Source:
     items: list[SourceItem]
     kind: str
     coco: Path | None = None  # set for COCO sources: boxes come from this file
+    given: str | None = None  # a given-boxes detector spec the source brings (e.g. a Label Studio pull)
+
+    @property
+    def given_spec(self) -> str | None:
+        """The detector spec of the boxes this source carries, if any (overrides --detector)."""
+        return f"given:coco:{self.coco}" if self.coco else self.given
 
 
 def open_source(spec: str, include_all_files: bool = True) -> Source:

@@ -122,6 +122,19 @@ def is_roiscribe_checkpoint(directory: str | Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
 
 
+def init_or_load(spec: str | Path, seed: int = 0) -> Loaded:
+    """A roiscribe checkpoint directory, or else a preset name (random init). A preset name wins
+    over a same-named folder that is not a checkpoint (``demo`` is both at the repository root)."""
+    from .config import PRESETS
+
+    if is_roiscribe_checkpoint(spec):
+        return load_pretrained(spec)
+    if str(spec) in PRESETS:
+        return random_init(str(spec), seed=seed)
+    raise ValueError(f"init {str(spec)!r} is neither a roiscribe checkpoint directory nor a preset "
+                     f"({', '.join(sorted(PRESETS))})")
+
+
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Loaded:
     directory = Path(directory)

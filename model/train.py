@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Loaded, load_pretrained, random_init, save_pretrained
+from .checkpoint import Loaded, init_or_load, load_pretrained, save_pretrained
 from .prompt import IMAGE_PREAMBLE, SEP, expand_region_tags, region_order
 from .tokenizer import PromptTokenizer
 from .vision import normalize_boxes, preprocess
@@ -213,8 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     device = _device(cfg.device)
     resume = _latest_checkpoint(out)
-    loaded = load_pretrained(resume or cfg.init) if (resume or Path(cfg.init).is_dir()) else \
-        random_init(cfg.init, seed=cfg.seed)
+    loaded = init_or_load(resume or cfg.init, seed=cfg.seed)
     model = loaded.model.to(device).restore_buffers()
     model.train()
     model.vision_tower.train(cfg.train_vision_tower)

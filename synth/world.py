@@ -5,8 +5,10 @@ Deterministic per seed: ``generate_scene(seed)`` always draws the same picture. 
 drawn with Pillow and numpy; nothing is downloaded.
 
 Materials are drawn as surface patterns in a darker or lighter shade of the object's colour:
-metal (a specular highlight), wood (parallel grain stripes), fabric (a woven check) and stone
-(speckles), so colour and material are independent attributes.
+metal (a specular highlight), wood (3.5 parallel grain stripes across the object), fabric (a 4x4
+woven check) and stone (irregular blotches), so colour and material are independent
+attributes. The patterns scale with the object and are coarse enough to survive the demo model's
+112-px input on the smallest objects.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ COLORS = {  # name -> RGB
 }
 MATERIALS = ("metal", "wood", "fabric", "stone")
 SIZES = ("small", "medium", "large")
-# relative side length of the object's box: small < 0.17 <= medium < 0.27 <= large
-SIZE_RANGES = {"small": (0.11, 0.17), "medium": (0.17, 0.27), "large": (0.27, 0.38)}
+# relative side length of the object's box: small < 0.21 <= medium < 0.29 <= large
+SIZE_RANGES = {"small": (0.15, 0.21), "medium": (0.21, 0.29), "large": (0.29, 0.38)}
 POSITION_PREDICATES = ("left of", "right of", "above", "below", "overlapping")
 
 
@@ -203,13 +205,19 @@ def _draw(image: np.ndarray, obj: SceneObject, rng) -> None:
         colour = base * (1 - 0.6 * t) + 255 * 0.6 * t
     elif obj.material == "wood":  # grain: stripes along a random direction
         angle = rng.uniform(0, math.pi)
-        p = (u * math.cos(angle) + v * math.sin(angle)) * 7.0
-        t = ((p % 1.0) < 0.45)[..., None]
+        p = (u * math.cos(angle) + v * math.sin(angle)) * 3.5
+        t = ((p % 1.0) < 0.5)[..., None]
         colour = np.where(t, shade, base)
     elif obj.material == "fabric":  # woven check
-        t = (((u * 6).astype(int) + (v * 6).astype(int)) % 2 == 0)[..., None]
+        t = ((np.floor(u * 4).astype(int) + np.floor(v * 4).astype(int)) % 2 == 0)[..., None]
         colour = np.where(t, shade, base)
-    else:  # stone: speckles
-        t = (rng.random((h, w)) < 0.35)[..., None]
+    else:  # stone: irregular blotches (a smooth random field over the object, thresholded)
+        field = rng.random((5, 5))
+        gu, gv = np.clip(u, 0, 1) * 4, np.clip(v, 0, 1) * 4
+        i0, j0 = np.minimum(gv.astype(int), 3), np.minimum(gu.astype(int), 3)
+        fv, fu = gv - i0, gu - j0
+        smooth = (field[i0, j0] * (1 - fv) * (1 - fu) + field[i0 + 1, j0] * fv * (1 - fu)
+                  + field[i0, j0 + 1] * (1 - fv) * fu + field[i0 + 1, j0 + 1] * fv * fu)
+        t = (smooth > 0.5)[..., None]
         colour = np.where(t, shade, base)
     image[mask] = np.broadcast_to(colour, image.shape)[mask].clip(0, 255).astype(np.uint8)

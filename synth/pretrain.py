@@ -1,0 +1,174 @@
+"""Region-level vision pretraining on the synthetic world: the demo's stand-in for CLIP.
+
+The paper starts from a pretrained CLIP ViT; nothing pretrained can be downloaded here, and
+learning a vision tower from scratch through the language loss alone is slow (the LLM has to
+discover the visual cues before the tower gets a useful gradient). So the demo pretrains its
+vision tower and region encoder first, directly on the world's ground truth: small heads on the
+region tokens predict each object's shape, colour, material and size, and a pair head predicts the
+position relation of two objects. The heads are thrown away; the checkpoint is an ordinary
+roiscribe checkpoint that instruction tuning (``model.train``, stage 2) starts from.
+
+Resumable like ``model.train``: ``out/checkpoint-N`` holds the model and ``pretrain_state.pt``
+(heads, optimizer, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import Loaded, init_or_load, save_pretrained
+from model.vision import normalize_boxes, preprocess
+
+from .evaluate import GroundTruth, read_ground_truth
+from .world import COLORS, MATERIALS, POSITION_PREDICATES, SHAPES, SIZES
+
+LABELS = {"shape": SHAPES, "color": tuple(COLORS), "material": MATERIALS, "size": SIZES}
+
+
+@dataclass
+class PretrainConfig:
+    world: str = "runs/world"  # a `roiscribe world` folder (its ground_truth.jsonl files)
+    out: str = "runs/demo-vision"
+    init: str = "demo"  # a preset (random init) or a roiscribe checkpoint directory
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_threads: int = 0
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attributes = torch.nn.ModuleDict({k: torch.nn.Linear(dim, len(v)) for k, v in LABELS.items()})
+        self.relation = torch.nn.Sequential(torch.nn.Linear(2 * dim, dim), torch.nn.GELU(),
+                                            torch.nn.Linear(dim, len(POSITION_PREDICATES)))
+
+
+def _targets(truths: list[GroundTruth]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    attrs = {k: torch.tensor([v.index(o[k]) for t in truths for o in t.objects]) for k, v in LABELS.items()}
+    pairs, rel, base = [], [], 0
+    for t in truths:
+        for key, predicate in t.relations.items():
+            i, j = map(int, key.split(","))
+            pairs.append((base + i, base + j))
+            rel.append(POSITION_PREDICATES.index(predicate))
+        base += len(t.objects)
+    return attrs, torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), torch.tensor(rel)
+
+
+def pretrain_loss(loaded: Loaded, heads: Heads, truths: list[GroundTruth]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed cross-entropy of the attribute and relation heads on one batch; also accuracies."""
+    from PIL import Image
+
+    images = []
+    for t in truths:
+        with Image.open(t.image) as im:
+            images.append(im.convert("RGB"))
+    model = loaded.model
+    feats = model.encode_images(preprocess(images, loaded.config.vision).to(model.device))
+    boxes = [torch.tensor(normalize_boxes([o["box"] for o in t.objects], t.width, t.height)) for t in truths]
+    tokens = torch.cat(model.region_tokens(feats, boxes))
+    attrs, pairs, rel = _targets(truths)
+    loss = tokens.new_zeros(())
+    acc = {}
+    for name, head in heads.attributes.items():
+        logits = head(tokens)
+        loss = loss + F.cross_entropy(logits, attrs[name].to(logits.device))
+        acc[name] = float((logits.argmax(1).cpu() == attrs[name]).float().mean())
+    if len(pairs):
+        logits = heads.relation(torch.cat([tokens[pairs[:, 0]], tokens[pairs[:, 1]]], 1))
+        loss = loss + F.cross_entropy(logits, rel.to(logits.device))
+        acc["relation"] = float((logits.argmax(1).cpu() == rel).float().mean())
+    return loss, acc
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Train the vision tower and region encoder on the world's labels; returns the last checkpoint."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out)
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resume = ckpts[-1] if ckpts else None
+    loaded = init_or_load(resume or cfg.init, seed=cfg.seed)
+    model = loaded.model.restore_buffers()
+    model.requires_grad_(False)
+    model.vision_tower.requires_grad_(True)
+    model.spi_module.requires_grad_(True)
+    model.train()
+    torch.manual_seed(cfg.seed)
+    heads = Heads(loaded.config.llm.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    step = 0
+    if resume is not None:
+        state = torch.load(resume / "pretrain_state.pt", map_location="cpu", weights_only=True)
+        heads.load_state_dict(state["heads"])
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+    truths = read_ground_truth(cfg.world)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    avg: dict[str, float] = {}
+    t0 = time.perf_counter()
+    per_epoch = max(len(truths) // cfg.batch_size, 1)
+    while step < cfg.steps:
+        epoch, skip = divmod(step, per_epoch)
+        order = list(range(len(truths)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        for start in range(skip * cfg.batch_size, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            loss, acc = pretrain_loss(loaded, heads, [truths[i] for i in order[start:start + cfg.batch_size]])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in {"loss": float(loss), **acc}.items():
+                avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in avg.items()})
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                _save(loaded, heads, optim, sched, step, cfg, out, avg, time.perf_counter() - t0)
+            if step >= cfg.steps:
+                break
+    if bar is not None:
+        bar.close()
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1]
+
+
+def _save(loaded, heads, optim, sched, step, cfg, out: Path, avg, seconds) -> None:
+    target, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    save_pretrained(loaded, tmp)
+    torch.save({"heads": heads.state_dict(), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                "step": step}, tmp / "pretrain_state.pt")
+    (tmp / "pretrain_config.json").write_text(json.dumps({**asdict(cfg), "running": avg, "seconds": seconds}, indent=2))
+    tmp.rename(target)
+    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
