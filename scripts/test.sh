@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
+# the Label Studio server the tests start lives in its own virtualenv (it pins its own Django)
+python -m tests.ls_server install
 python -m pytest "$@"

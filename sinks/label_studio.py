@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 KEY_FIELD = "roiscribe_key"
 IMAGE_FIELD = "image"
@@ -247,9 +247,19 @@ class ImageRefs:
         root = Path(self.document_root).resolve()
         path = Path(row["uri"]).resolve()
         try:
-            return path.relative_to(root).as_posix()
+            rel = path.relative_to(root)
         except ValueError:
             raise TaskError(row["image_id"], f"image {row['uri']} is not under the document root {root}") from None
+        if self.mode == "local-files" and len(rel.parts) < 2:
+            raise TaskError(row["image_id"], f"image {row['uri']} lies directly in the document root; Label Studio "
+                                             "serves local files only from its subfolders")
+        return rel.as_posix()
+
+    def storage_dirs(self, relative_paths: Iterable[str]) -> set[str]:
+        """The document-root subfolders that local-files tasks read from (each needs a Label Studio
+        local storage on the project, or the server answers 404 for its images)."""
+        root = Path(self.document_root).resolve()
+        return {str(root / rel.split("/", 1)[0]) for rel in relative_paths}
 
     def url(self, row: dict) -> str:
         uri = str(row["uri"])
@@ -387,6 +397,15 @@ class LabelStudio:
             if page * page_size >= int(data.get("total", 0)):
                 return out
             page += 1
+
+    def ensure_local_storage(self, pid: int, paths: set[str]) -> None:
+        """A local-files storage on the project for each folder (created once; never synced:
+        it only lets the server serve those files to the project's tasks)."""
+        have = {s.get("path") for s in self.get("/api/storages/localfiles", f"listing storages of project {pid}",
+                                                  project=pid)}
+        for path in sorted(paths - have):
+            self.post("/api/storages/localfiles", f"adding local storage {path} to project {pid}",
+                      {"project": pid, "path": path, "title": f"roiscribe {Path(path).name}", "use_blob_urls": False})
 
     def import_tasks(self, pid: int, tasks: list[dict]) -> list[int]:
         r = self.post(f"/api/projects/{pid}/import", f"importing {len(tasks)} tasks into project {pid}",
@@ -601,6 +620,9 @@ def _image_urls(client: LabelStudio, pid: int, cfg: PushConfig, rows: list[dict]
                 urls[row["image_id"]] = cfg.images.url(row)
             except TaskError as e:
                 report.rejected.append(e)
+        if cfg.images.mode == "local-files" and urls:
+            rel = [unquote(u.split("?d=", 1)[1]) for u in urls.values()]
+            client.ensure_local_storage(pid, cfg.images.storage_dirs(rel))
         return urls
     files = []
     for row in rows:

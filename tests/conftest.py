@@ -48,3 +48,26 @@ def coco_world(tmp_path_factory):
     (root / "coco.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                 "categories": [{"id": 1, "name": "shape"}]}))
     return root / "coco.json"
+
+
+@pytest.fixture(scope="session")
+def ls_server(tmp_path_factory):
+    """A real Label Studio server (its own virtualenv, installed on first use), 127.0.0.1,
+    prediction validation on; local files served from ``server.document_root``. Stopped by PID."""
+    from tests.ls_server import Server, install
+
+    install()
+    root = tmp_path_factory.mktemp("label_studio")
+    (root / "docs").mkdir()
+    server = Server(root / "data", root / "docs").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ls_token(ls_server, monkeypatch):
+    """The server's admin token, provided the way users provide it: the environment."""
+    from tests.ls_server import TOKEN
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    return TOKEN

@@ -1,0 +1,327 @@
+"""Label Studio sink: the pure conversion, then pushes against a real Label Studio server."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from sinks.label_studio import (
+    AuthError, ConfigSpec, ImageRefs, LabelStudio, PushConfig, TaskError, UnreachableError, labeling_config,
+    model_version_of, push, row_to_result, spec_from_config, spec_from_rows,
+)
+
+COLORS = ["red", "green", "blue", "yellow"]
+PREDICATES = ["left of", "right of", "above", "below"]
+
+
+def make_row(k: int, uri: str, n_regions: int = 3, width: int = 200, height: int = 100) -> dict:
+    """A caption-output row (``sinks.parquet`` schema) with regions, attributes and relations."""
+    regions = []
+    for i in range(n_regions):
+        x1, y1 = 10.0 + 50 * i + (k % 7), 5.0 + (k % 11)
+        color = COLORS[(k + i) % 4]
+        regions.append({
+            "region_id": i, "box": [x1, y1, x1 + 30.5, y1 + 40.25], "label": ["circle", "star"][i % 2],
+            "class_id": i % 2, "score": 0.5 + 0.1 * i, "caption": f"a {color} thing number {k}-{i}",
+            "answers": [
+                {"name": "caption", "value": f"a {color} thing number {k}-{i}", "raw": "", "status": "ok"},
+                {"name": "color", "value": color, "raw": color, "status": "ok"},
+                {"name": "material", "value": None, "raw": "???", "status": "unknown"},
+            ],
+        })
+    relations = [{"subject": i, "predicate": PREDICATES[(k + i) % 4], "object": i + 1, "raw": "", "status": "ok"}
+                 for i in range(n_regions - 1)]
+    return {"image_id": f"img/{k:05d}.png", "uri": uri, "width": width, "height": height, "status": "ok",
+            "error": None, "num_regions": n_regions, "regions": regions, "relations": relations,
+            "detector": "yolo:/x/detector.pt", "model": "/x/gpt4roi", "templates_version": "v1"}
+
+
+# Pure conversion ----------------------------------------------------------------------------------
+
+def test_labeling_config_round_trips_and_offers_what_the_rows_need():
+    rows = [make_row(0, "a.png"), make_row(1, "b.png")]
+    spec = spec_from_rows(rows)
+    assert spec.classes == ["circle", "star"]
+    assert {"red", "green", "blue", "yellow"} <= set(spec.attributes["color"])
+    assert "wood" in spec.attributes["material"]  # the vocabulary, though no row had a material
+    assert {"left of", "right of", "above", "below"} <= set(spec.predicates)
+    xml = labeling_config(spec)
+    assert spec_from_config(xml) == spec
+    assert 'perRegion="true"' in xml and "<Relations>" in xml and "<RectangleLabels" in xml
+    assert spec_from_config("<View><Image name='i' value='$x'/></View>") is None
+
+
+def test_row_to_result_percent_boxes_shared_region_ids_and_relations():
+    row = make_row(3, "a.png", n_regions=2)
+    items, score = row_to_result(row, spec_from_rows([row]))
+    rect = [i for i in items if i["type"] == "rectanglelabels"]
+    assert [r["id"] for r in rect] == ["r0", "r1"]
+    x1, y1, x2, y2 = row["regions"][0]["box"]
+    v = rect[0]["value"]
+    assert v["x"] == pytest.approx(100 * x1 / 200) and v["width"] == pytest.approx(100 * (x2 - x1) / 200)
+    assert v["y"] == pytest.approx(100 * y1 / 100) and v["height"] == pytest.approx(100 * (y2 - y1) / 100)
+    assert rect[0]["original_width"] == 200 and rect[0]["original_height"] == 100
+    by_region = {(i["id"], i["from_name"]) for i in items if i["type"] != "relation"}
+    assert ("r0", "caption") in by_region and ("r0", "color") in by_region
+    assert ("r0", "material") not in by_region  # an unparsed answer is not a choice
+    (rel,) = [i for i in items if i["type"] == "relation"]
+    assert (rel["from_id"], rel["to_id"], rel["labels"]) == ("r0", "r1", [row["relations"][0]["predicate"]])
+    assert score == pytest.approx(0.55)
+
+
+def test_bad_rows_raise_task_errors_that_name_the_problem():
+    row = make_row(1, "a.png")
+    spec = spec_from_rows([row])
+    outside = json.loads(json.dumps(row))
+    outside["regions"][1]["box"] = [150.0, 10.0, 260.0, 50.0]
+    with pytest.raises(TaskError, match=r"region 1 box .* outside the 200x100 image"):
+        row_to_result(outside, spec)
+    dangling = json.loads(json.dumps(row))
+    dangling["relations"].append({"subject": 0, "predicate": "above", "object": 7, "raw": "", "status": "ok"})
+    with pytest.raises(TaskError, match="names a region the row does not have"):
+        row_to_result(dangling, spec)
+    unknown = json.loads(json.dumps(row))
+    unknown["regions"][0]["label"] = "hexagon"
+    with pytest.raises(TaskError, match="'hexagon' is not in the labeling config"):
+        row_to_result(unknown, spec)
+
+
+def test_image_refs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    img = tmp_path / "sub" / "a b.png"
+    img.write_bytes(b"x")
+    row = {"image_id": "k", "uri": str(img)}
+    assert ImageRefs("local-files", str(tmp_path)).url(row) == "/data/local-files/?d=sub/a%20b.png"
+    with pytest.raises(TaskError, match="directly in the document root"):
+        ImageRefs("local-files", str(tmp_path / "sub")).url(row)
+    assert ImageRefs("url", str(tmp_path), "https://cdn.example/x/").url(row) == "https://cdn.example/x/sub/a%20b.png"
+    assert ImageRefs("url").url({"image_id": "k", "uri": "https://h/i.png"}) == "https://h/i.png"
+    with pytest.raises(TaskError, match="not under the document root"):
+        ImageRefs("local-files", str(tmp_path / "sub" / "deeper")).url(row)
+    with pytest.raises(ValueError, match="document root"):
+        ImageRefs("local-files")
+    assert "," not in model_version_of([make_row(0, "a")])
+
+
+# Against the real server -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def images(ls_server):
+    """A few real images under the server's document root."""
+    from PIL import Image
+
+    folder = ls_server.document_root / "imgs"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for k in range(4):
+        p = folder / f"{k}.png"
+        Image.new("RGB", (200, 100), (40 * k, 90, 160)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def rows_for(images, n: int, offset: int = 0) -> list[dict]:
+    return [make_row(offset + k, images[k % len(images)]) for k in range(n)]
+
+
+def server_tasks(server, token: str, title: str) -> list[dict]:
+    client = LabelStudio(server.url, token)
+    project = client.project(title)
+    tasks, page = [], 1
+    while True:
+        data = client.get("/api/tasks", "test listing", project=project["id"], page=page, page_size=500, fields="all")
+        tasks += data["tasks"]
+        if page * 500 >= data["total"]:
+            return tasks
+        page += 1
+
+
+def read_back(task: dict, version: str) -> dict:
+    """What a task's prediction of ``version`` says, in row terms."""
+    (pred,) = [p for p in task["predictions"] if p["model_version"] == version]
+    regions: dict[str, dict] = {}
+    relations = []
+    for item in pred["result"]:
+        if item["type"] == "relation":
+            relations.append((int(item["from_id"][1:]), item["labels"][0], int(item["to_id"][1:])))
+            continue
+        r = regions.setdefault(item["id"], {})
+        v = item["value"]
+        if item["type"] == "rectanglelabels":
+            w, h = item["original_width"], item["original_height"]
+            r["box"] = [v["x"] * w / 100, v["y"] * h / 100, (v["x"] + v["width"]) * w / 100, (v["y"] + v["height"]) * h / 100]
+            r["label"] = v["rectanglelabels"][0]
+        elif item["type"] == "textarea":
+            r["caption"] = v["text"][0]
+        else:
+            r[item["from_name"]] = v["choices"][0]
+    return {"regions": regions, "relations": sorted(relations)}
+
+
+def expected(row: dict) -> dict:
+    regions = {f"r{r['region_id']}": {"box": r["box"], "label": r["label"], "caption": r["caption"],
+                                      "color": next(a["value"] for a in r["answers"] if a["name"] == "color")}
+               for r in row["regions"]}
+    return {"regions": regions, "relations": sorted((r["subject"], r["predicate"], r["object"]) for r in row["relations"])}
+
+
+def assert_same(task: dict, row: dict, version: str) -> None:
+    got, want = read_back(task, version), expected(row)
+    assert got["relations"] == want["relations"]
+    assert set(got["regions"]) == set(want["regions"])
+    for rid, w in want["regions"].items():
+        g = got["regions"][rid]
+        assert g["box"] == pytest.approx(w["box"], abs=1e-3)
+        assert (g["label"], g["caption"], g["color"]) == (w["label"], w["caption"], w["color"])
+
+
+def test_push_1000_tasks_reads_back_equal_and_a_second_push_adds_nothing(ls_server, ls_token, images):
+    rows = rows_for(images, 1000)
+    cfg = PushConfig(ls_server.url, "round-trip", ImageRefs("local-files", str(ls_server.document_root)),
+                     model_version="v1", chunk_size=250)
+    report = push(rows, cfg, progress=False)
+    assert (report.tasks_created, report.predictions_created, report.rejected) == (1000, 0, [])
+    tasks = server_tasks(ls_server, ls_token, "round-trip")
+    assert len(tasks) == 1000
+    by_key = {t["data"]["roiscribe_key"]: t for t in tasks}
+    for row in rows:
+        task = by_key[row["image_id"]]
+        assert task["data"]["image"].startswith("/data/local-files/?d=imgs/")
+        assert_same(task, row, "v1")
+    # the image a task names is really served
+    r = httpx.get(ls_server.url + tasks[0]["data"]["image"], headers={"Authorization": f"Token {ls_token}"})
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    project = LabelStudio(ls_server.url, ls_token).project("round-trip")
+    assert project["model_version"] == "v1"
+
+    again = push(rows, cfg, progress=False)
+    assert (again.tasks_created, again.predictions_created, again.already_present) == (0, 0, 1000)
+    tasks = server_tasks(ls_server, ls_token, "round-trip")
+    assert len(tasks) == 1000 and sum(len(t["predictions"]) for t in tasks) == 1000
+
+    # a new model version goes beside the old one; the project now shows it
+    v2 = push(rows[:10], PushConfig(ls_server.url, "round-trip", cfg.images, model_version="v2"), progress=False)
+    assert (v2.tasks_created, v2.predictions_created) == (0, 10)
+    tasks = server_tasks(ls_server, ls_token, "round-trip")
+    assert len(tasks) == 1000 and sum(len(t["predictions"]) for t in tasks) == 1010
+    assert LabelStudio(ls_server.url, ls_token).project("round-trip")["model_version"] == "v2"
+
+
+def test_bad_rows_are_reported_per_task_and_the_rest_is_pushed(ls_server, ls_token, images):
+    rows = rows_for(images, 20, offset=5000)
+    rows[3]["regions"][0]["box"] = [190.0, 10.0, 230.0, 40.0]  # beyond the 200-px width
+    rows[7]["relations"].append({"subject": 0, "predicate": "above", "object": 9, "raw": "", "status": "ok"})
+    rows[9] = {**rows[9], "status": "error", "error": "decode: not an image", "regions": [], "relations": []}
+    report = push(rows, PushConfig(ls_server.url, "bad-rows", ImageRefs("local-files", str(ls_server.document_root)),
+                                   model_version="v1"), progress=False)
+    assert {e.key for e in report.rejected} == {rows[3]["image_id"], rows[7]["image_id"]}
+    assert "outside the 200x100 image" in next(e.reason for e in report.rejected if e.key == rows[3]["image_id"])
+    assert report.tasks_created == 17 and report.error_rows == 1
+    assert len(server_tasks(ls_server, ls_token, "bad-rows")) == 17
+
+
+def test_server_side_rejection_names_the_task_and_the_rest_goes_in(ls_server, ls_token, images):
+    """The safety net behind client validation: the server (prediction validation on) answers 400
+    and writes nothing; the task it names is reported and the others are sent again."""
+    from sinks.label_studio import PushReport, _send_checked
+
+    client = LabelStudio(ls_server.url, ls_token)
+    row = make_row(1, images[0])
+    spec = spec_from_rows([row])
+    pid = client.create_project("server-validation", labeling_config(spec))["id"]
+    good, _ = row_to_result(row, spec)
+    bad = json.loads(json.dumps(good))
+    bad[0]["value"]["rectanglelabels"] = ["not-a-label"]
+    items = {f"k{i}": {"data": {"image": "/x.png", "roiscribe_key": f"k{i}"},
+                       "predictions": [{"model_version": "v1", "result": bad if i == 2 else good}]} for i in range(4)}
+    report = PushReport(pid, "v1")
+    sent = _send_checked(lambda p, batch: len(client.import_tasks(p, batch)), pid, items, report)
+    assert sent == 3
+    assert [e.key for e in report.rejected] == ["k2"] and "not-a-label" in report.rejected[0].reason
+
+
+def test_upload_mode_uses_the_same_key(ls_server, ls_token, images):
+    rows = rows_for(images, 3, offset=7000)
+    report = push(rows, PushConfig(ls_server.url, "uploads", ImageRefs("upload"), model_version="v1"), progress=False)
+    assert report.tasks_created == 3
+    tasks = server_tasks(ls_server, ls_token, "uploads")
+    assert sorted(t["data"]["roiscribe_key"] for t in tasks) == sorted(r["image_id"] for r in rows)
+    for t in tasks:
+        assert t["data"]["image"].startswith("/data/upload/")
+        assert LabelStudio(ls_server.url, ls_token).download(t["data"]["image"])[:4] == b"\x89PNG"
+    assert push(rows, PushConfig(ls_server.url, "uploads", ImageRefs("upload"), model_version="v1"),
+                progress=False).already_present == 3
+
+
+def test_wrong_token_is_a_clear_error_without_the_token(ls_server, images):
+    secret = "wrong-token-abc123-do-not-print"
+    with pytest.raises(AuthError) as info:
+        push(rows_for(images, 2), PushConfig(ls_server.url, "never", ImageRefs("upload")), token=secret, progress=False)
+    message = str(info.value)
+    assert ls_server.url in message and "401" in message and "LABEL_STUDIO_API_KEY" in message
+    assert secret not in message and secret not in repr(info.value.__dict__)
+
+
+def test_push_survives_the_server_being_killed_mid_push(ls_server, ls_token, images):
+    """SIGKILL the server while a push is importing; the push stops with a clear error; after a
+    restart the same push completes: every row once, one prediction each."""
+    rows = rows_for(images, 1000, offset=10000)
+    cfg = PushConfig(ls_server.url, "killed", ImageRefs("local-files", str(ls_server.document_root)),
+                     model_version="v1", chunk_size=20, resyncs=0)
+    push(rows[:1], cfg, progress=False)  # the project exists before the race starts
+    client = LabelStudio(ls_server.url, ls_token, retries=1, backoff=0.1)
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["report"] = push(rows, cfg, client=client, progress=False)
+        except Exception as e:  # noqa: BLE001 -- the test inspects it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    watcher = LabelStudio(ls_server.url, ls_token)
+    pid = watcher.project("killed")["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if watcher.get("/api/tasks", "count", project=pid, page_size=1, include="id")["total"] >= 200:
+            break
+        time.sleep(0.05)
+    ls_server.stop(kill=True)
+    thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), UnreachableError), outcome
+    assert "run the same push again" in str(outcome["error"]) and ls_token not in str(outcome["error"])
+
+    ls_server.start()
+    report = push(rows, cfg, progress=False)
+    tasks = server_tasks(ls_server, ls_token, "killed")
+    keys = [t["data"]["roiscribe_key"] for t in tasks]
+    assert len(keys) == len(set(keys)) == 1000
+    assert all(len(t["predictions"]) == 1 for t in tasks)
+    assert report.tasks_created + report.already_present == 1000 and report.already_present >= 200
+
+
+def test_unknown_numeric_project_and_foreign_config_are_refused(ls_server, ls_token, images):
+    from sinks.label_studio import LabelStudioError
+
+    with pytest.raises(LabelStudioError, match="answered 404|no project"):
+        push(rows_for(images, 1), PushConfig(ls_server.url, "987654", ImageRefs("upload")), progress=False)
+    client = LabelStudio(ls_server.url, ls_token)
+    client.create_project("foreign", "<View><Image name='img' value='$image'/><Choices name='c' toName='img'>"
+                                     "<Choice value='a'/></Choices></View>")
+    with pytest.raises(LabelStudioError, match="labeling config roiscribe did not write"):
+        push(rows_for(images, 1), PushConfig(ls_server.url, "foreign", ImageRefs("upload")), progress=False)
+
+
+def test_config_is_extended_not_replaced(ls_server, ls_token, images):
+    first = rows_for(images, 2, offset=20000)
+    cfg = PushConfig(ls_server.url, "extend", ImageRefs("upload"), model_version="v1")
+    push(first, cfg, progress=False)
+    later = rows_for(images, 2, offset=20010)
+    later[0]["regions"][0]["label"] = "hexagon"
+    push(later, cfg, progress=False)
+    spec = spec_from_config(LabelStudio(ls_server.url, ls_token).project("extend")["label_config"])
+    assert spec.classes == ["circle", "star", "hexagon"]
+    assert isinstance(spec, ConfigSpec)
