@@ -26,6 +26,8 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
     p.add_argument("--url-prefix", default=None, help="with --images url: prefix + the path under --document-root")
     p.add_argument("--model-version", default=None, help="prediction model_version (default: from the output's provenance)")
     p.add_argument("--chunk-size", type=int, default=500, help="tasks per import request")
+    p.add_argument("--retries", type=int, default=5,
+                   help="read retries (exponential backoff from 1 s) while the server is unreachable")
 
 
 def _version() -> str:
@@ -201,7 +203,7 @@ def cmd_caption(args) -> int:
         if args.from_label_studio:
             from jobs.label_studio import pull_source
 
-            client = _client(args.source)
+            client = _client(args.source, args.retries)
             source, pid = pull_source(client, args.from_label_studio, args.out, args.document_root, args.ls_boxes)
             push_url, args.project = args.source, str(pid)
         else:
@@ -231,10 +233,10 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _client(url: str):
+def _client(url: str, retries: int = 5):
     from sinks.label_studio import LabelStudio, api_token
 
-    return LabelStudio(url, api_token())
+    return LabelStudio(url, api_token(), retries=retries)
 
 
 def _push(args, out: Path) -> int:
@@ -248,7 +250,7 @@ def _push(args, out: Path) -> int:
             raise LabelStudioError(f"{out} holds no rows to push (run `roiscribe caption` first)")
         cfg = PushConfig(args.url, args.project, ImageRefs(mode, args.document_root, args.url_prefix),
                          model_version=args.model_version, chunk_size=args.chunk_size)
-        report = push(rows, cfg, client=_client(args.url))
+        report = push(rows, cfg, client=_client(args.url, args.retries))
     except LabelStudioError as e:
         print(f"roiscribe push: {e}", file=sys.stderr)
         return 1
