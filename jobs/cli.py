@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="Ray Train workers (with --ray)")
     train.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (with --ray)")
 
+    pretrain = sub.add_parser("pretrain", help="pretrain the demo's vision tower and region encoder on the world's labels")
+    pretrain.add_argument("--config", type=Path, required=True, help="TOML or JSON with synth.pretrain.PretrainConfig fields")
+    pretrain.add_argument("--steps", type=int, default=None, help="override the config's steps")
+
     world = sub.add_parser("world", help="generate the synthetic shapes world (training and evaluation data)")
     world.add_argument("--out", type=Path, required=True)
     world.add_argument("--count", type=int, default=1000, help="number of images")
@@ -370,6 +374,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from synth.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig.from_file(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    print(f"checkpoint: {pretrain(cfg)}")
+    return 0
+
+
 def cmd_world(args) -> int:
     from synth.dataset import write_dataset_parallel
 
@@ -422,7 +436,8 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
-            "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend}
+            "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend,
+            "pretrain": cmd_pretrain}
 
 
 def main(argv: list[str] | None = None) -> int:

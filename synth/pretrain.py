@@ -49,6 +49,20 @@ class PretrainConfig:
     seed: int = 0
     num_threads: int = 0
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PretrainConfig":
+        """TOML or JSON; ``world`` is relative to the file, ``out`` and ``init`` to the working directory."""
+        import tomllib
+
+        path = Path(path)
+        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown pretraining options {sorted(unknown)} in {path}")
+        if "world" in raw and not Path(raw["world"]).is_absolute():
+            raw["world"] = str(path.parent / raw["world"])
+        return cls(**raw)
+
 
 class Heads(torch.nn.Module):
     def __init__(self, dim: int):
