@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        for group, base in zip(optim.param_groups, sched.base_lrs):  # the schedule of *this* config
+            group["lr"] = base * _lr_lambda(cfg)(step)
     wrapped = _wrap(model, cfg, device)
     batches = Batches(read_conversations(cfg.data), loaded, cfg, rank, world)
     per_epoch = max(len(batches.records) // world // cfg.batch_size, 1)

@@ -94,7 +94,7 @@ def pretrain_loss(loaded: Loaded, heads: Heads, truths: list[GroundTruth]) -> tu
             images.append(im.convert("RGB"))
     model = loaded.model
     feats = model.encode_images(preprocess(images, loaded.config.vision).to(model.device))
-    boxes = [torch.tensor(normalize_boxes([o["box"] for o in t.objects], t.width, t.height)) for t in truths]
+    boxes = [torch.as_tensor(normalize_boxes([o["box"] for o in t.objects], t.width, t.height)) for t in truths]
     tokens = torch.cat(model.region_tokens(feats, boxes))
     attrs, pairs, rel = _targets(truths)
     loss = tokens.new_zeros(())
@@ -141,6 +141,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        for group, base in zip(optim.param_groups, sched.base_lrs):  # the schedule of *this* config
+            group["lr"] = base * lr_at(step)
     truths = read_ground_truth(cfg.world)
     bar = None
     if progress:
@@ -162,7 +164,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             sched.step()
             optim.zero_grad(set_to_none=True)
             step += 1
-            for k, v in {"loss": float(loss), **acc}.items():
+            for k, v in {"loss": float(loss.detach()), **acc}.items():
                 avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
             if bar is not None:
                 bar.update(1)

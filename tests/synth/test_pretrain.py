@@ -1,0 +1,62 @@
+"""Vision pretraining of the demo (synth/pretrain.py) on the tiny preset."""
+
+import pytest
+import torch
+
+from model.checkpoint import init_or_load, load_pretrained, random_init
+from synth.dataset import write_dataset
+from synth.evaluate import read_ground_truth
+from synth.pretrain import Heads, PretrainConfig, pretrain, pretrain_loss
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("world"), range(8))
+
+
+def test_a_few_steps_reduce_the_loss_and_touch_only_the_vision_side(world):
+    loaded = random_init("tiny", seed=2)
+    model = loaded.model
+    model.requires_grad_(False)
+    model.vision_tower.requires_grad_(True)
+    model.spi_module.requires_grad_(True)
+    heads = Heads(loaded.config.llm.hidden_size)
+    truths = read_ground_truth(world)[:4]
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optim = torch.optim.AdamW(params, lr=3e-3)
+    before_llm = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    with torch.no_grad():
+        before, acc = pretrain_loss(loaded, heads, truths)
+    assert set(acc) == {"shape", "color", "material", "size", "relation"}
+    for _ in range(8):
+        loss, _ = pretrain_loss(loaded, heads, truths)
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    with torch.no_grad():
+        after, _ = pretrain_loss(loaded, heads, truths)
+    assert float(after) < float(before) - 0.5, (float(before), float(after))
+    assert all(torch.equal(before_llm[k], v) for k, v in model.llm.state_dict().items())
+
+
+def test_pretraining_checkpoints_and_resumes(world, tmp_path):
+    cfg = PretrainConfig(world=str(world), out=str(tmp_path / "run"), init="tiny", steps=2, batch_size=2,
+                         save_every=1, warmup_steps=1)
+    final = pretrain(cfg, progress=False)
+    assert final.name == "checkpoint-2"
+    first = load_pretrained(final).model.state_dict()
+    resumed = pretrain(PretrainConfig(**{**cfg.__dict__, "steps": 3}), progress=False)
+    assert resumed.name == "checkpoint-3"
+    state = torch.load(resumed / "pretrain_state.pt", weights_only=True)
+    assert state["step"] == 3 and set(state["heads"])
+    after = load_pretrained(resumed).model.state_dict()
+    changed = {k.split(".")[0] for k in first if not torch.equal(first[k], after[k])}
+    assert changed == {"vision_tower", "spi_module"}
+
+
+def test_init_prefers_a_preset_over_a_same_named_folder(tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()  # like demo/ at the repository root: a folder, not a checkpoint
+    monkeypatch.chdir(tmp_path)
+    assert init_or_load("tiny").config.name == "tiny"
+    with pytest.raises(ValueError, match="neither a roiscribe checkpoint directory nor a preset"):
+        init_or_load("no-such-thing")
