@@ -61,16 +61,22 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        import tomllib
-
-        path = Path(path)
-        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training options {sorted(unknown)} in {path}")
-        base = path.parent
-        raw["data"] = [str((base / d) if not Path(d).is_absolute() else d) for d in raw.get("data", [])]
+        """TOML or JSON; ``data`` is relative to the file, ``out`` and ``init`` to the working directory."""
+        raw = read_config_file(path, cls, "training")
+        raw["data"] = [str(Path(path).parent / d) for d in raw.get("data", [])]  # absolute paths stay absolute
         return cls(**raw)
+
+
+def read_config_file(path: str | Path, cls, what: str) -> dict:
+    """The options of a TOML or JSON config file for dataclass ``cls``; unknown keys are an error."""
+    import tomllib
+
+    path = Path(path)
+    raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    unknown = set(raw) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {what} options {sorted(unknown)} in {path}")
+    return raw
 
 
 # Data ---------------------------------------------------------------------------------------------

@@ -52,15 +52,11 @@ class PretrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "PretrainConfig":
         """TOML or JSON; ``world`` is relative to the file, ``out`` and ``init`` to the working directory."""
-        import tomllib
+        from model.train import read_config_file
 
-        path = Path(path)
-        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown pretraining options {sorted(unknown)} in {path}")
-        if "world" in raw and not Path(raw["world"]).is_absolute():
-            raw["world"] = str(path.parent / raw["world"])
+        raw = read_config_file(path, cls, "pretraining")
+        if "world" in raw:
+            raw["world"] = str(Path(path).parent / raw["world"])  # absolute paths stay absolute
         return cls(**raw)
 
 
