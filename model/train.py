@@ -41,6 +41,7 @@ class TrainConfig:
     init: str = "tiny"  # a preset name (random init) or a roiscribe checkpoint directory
     stage: int = 2
     train_vision_tower: bool = False  # the paper keeps CLIP frozen; a from-scratch demo may not
+    freeze: list[str] = field(default_factory=list)  # stage modules to keep frozen anyway, e.g. ["spi_module"]
     max_steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-4
@@ -177,10 +178,15 @@ class Batches:
 
 # The loop -----------------------------------------------------------------------------------------
 
-def set_trainable(model: torch.nn.Module, stage: int, train_vision_tower: bool = False) -> list[str]:
+def set_trainable(model: torch.nn.Module, stage: int, train_vision_tower: bool = False,
+                  freeze: Sequence[str] = ()) -> list[str]:
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"stage must be 1 or 2, got {stage}")
-    parts = STAGE_TRAINABLE[stage] + (("vision_tower",) if train_vision_tower else ())
+    unknown = set(freeze) - set(STAGE_TRAINABLE[stage])
+    if unknown:
+        raise ValueError(f"freeze names {sorted(unknown)}, which stage {stage} does not train "
+                         f"(it trains {', '.join(STAGE_TRAINABLE[stage])})")
+    parts = tuple(p for p in STAGE_TRAINABLE[stage] if p not in freeze) + (("vision_tower",) if train_vision_tower else ())
     model.requires_grad_(False)
     for name in parts:
         getattr(model, name).requires_grad_(True)
@@ -223,7 +229,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     model = loaded.model.to(device).restore_buffers()
     model.train()
     model.vision_tower.train(cfg.train_vision_tower)
-    set_trainable(model, cfg.stage, cfg.train_vision_tower)
+    set_trainable(model, cfg.stage, cfg.train_vision_tower, cfg.freeze)
     if cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -114,3 +114,12 @@ def test_an_unfrozen_vision_tower_learns_and_a_frozen_one_does_not(world):
         grads = [p.grad for p in loaded.model.vision_tower.parameters()]
         assert all(g is None for g in grads) != unfrozen
         assert loaded.model.spi_module.roi_align.updims.weight.grad is not None
+
+
+def test_freeze_keeps_a_stage_module_frozen():
+    loaded = random_init("tiny", seed=1)
+    assert set_trainable(loaded.model, 2, freeze=["spi_module"]) == ["mm_projector", "llm"]
+    assert not any(p.requires_grad for p in loaded.model.spi_module.parameters())
+    assert all(p.requires_grad for p in loaded.model.llm.parameters())
+    with pytest.raises(ValueError, match="which stage 1 does not train"):
+        set_trainable(loaded.model, 1, freeze=["llm"])
