@@ -30,8 +30,11 @@ def two_nodes():
 def test_the_job_uses_both_nodes(two_nodes, coco_world, tmp_path):
     cluster, worker = two_nodes
     # two describe actors of 1.5 CPUs cannot share a 2-CPU node: one must run on each
-    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=2, batch_size=1,
-                        compose=ComposeConfig(attributes=(), max_pairs=0), describe_actors=2, describe_cpus=1.5,
+    # each image takes a while (16 tokens x 4 questions), so the actor that starts second still
+    # finds work: Ray Data hands batches to whichever actor is ready first
+    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=16, batch_size=1,
+                        compose=ComposeConfig(attributes=("color", "shape", "material"), max_pairs=0),
+                        describe_actors=2, describe_cpus=1.5,
                         detect_cpus=0.25, use_ray=True)
     summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
     assert summary.counts == {"ok": 6, "error": 1}
