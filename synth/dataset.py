@@ -67,6 +67,21 @@ def conversation(scene: Scene, rng: np.random.Generator, templates: Templates = 
     return turns
 
 
+def relation_drill(objects: list[SceneObject], rng: np.random.Generator,
+                   templates: Templates = Templates()) -> list[dict]:
+    """The relation question for every ordered pair of objects, answered exactly, shuffled. The
+    pipeline asks about a few pairs per image (``select_pairs``), so ``conversation`` holds few
+    relation turns beside many attribute turns; training on these drills as well gives relations
+    enough weight (the demo model learned left/right but not above/below without them)."""
+    pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects)) if i != j]
+    turns = []
+    for k in rng.permutation(len(pairs)):
+        i, j = pairs[k]
+        turns += [{"from": "human", "value": templates.relation, "regions": [i, j]},
+                  {"from": "gpt", "value": f"region1 is {relation(objects[i], objects[j])} region2"}]
+    return turns
+
+
 def ground_truth(scene: Scene, image: str) -> dict:
     pairs = {f"{i},{j}": relation(a, b) for i, a in enumerate(scene.objects)
              for j, b in enumerate(scene.objects) if i != j}
@@ -76,7 +91,8 @@ def ground_truth(scene: Scene, image: str) -> dict:
 
 def write_dataset(out: str | Path, seeds: range, config: WorldConfig = WorldConfig(), val_fraction: float = 0.1,
                   progress=None) -> Path:
-    """Images, ``conversations.jsonl``, ``ground_truth.jsonl`` and a YOLO set under ``out``."""
+    """Images, ``conversations.jsonl``, ``relations.jsonl`` (``relation_drill`` per image, same
+    format), ``ground_truth.jsonl`` and a YOLO set under ``out``."""
     from PIL import Image
 
     out = Path(out)
@@ -86,15 +102,18 @@ def write_dataset(out: str | Path, seeds: range, config: WorldConfig = WorldConf
         (yolo / "images" / split).mkdir(parents=True, exist_ok=True)
         (yolo / "labels" / split).mkdir(parents=True, exist_ok=True)
     n_val = int(len(seeds) * val_fraction)
-    with open(out / "conversations.jsonl", "w") as conv, open(out / "ground_truth.jsonl", "w") as gt:
+    with (open(out / "conversations.jsonl", "w") as conv, open(out / "relations.jsonl", "w") as drills,
+          open(out / "ground_truth.jsonl", "w") as gt):
         for k, seed in enumerate(seeds):
             scene = generate_scene(seed, config)
             name = f"{seed:07d}.png"
             Image.fromarray(scene.image).save(out / "images" / name)
             rel = f"images/{name}"
-            conv.write(json.dumps({"image": rel, "width": scene.width, "height": scene.height,
-                                   "boxes": [list(o.box) for o in scene.objects],
-                                   "conversations": conversation(scene, np.random.default_rng(seed))}) + "\n")
+            head = {"image": rel, "width": scene.width, "height": scene.height,
+                    "boxes": [list(o.box) for o in scene.objects]}
+            conv.write(json.dumps(head | {"conversations": conversation(scene, np.random.default_rng(seed))}) + "\n")
+            drills.write(json.dumps(head | {"conversations": relation_drill(
+                scene.objects, np.random.default_rng([seed, 1]))}) + "\n")
             gt.write(json.dumps(ground_truth(scene, rel)) + "\n")
             split = "val" if k < n_val else "train"
             _yolo_item(yolo, split, name, out / "images" / name, scene)
