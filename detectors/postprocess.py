@@ -14,6 +14,9 @@ Rules, in the order they apply (each sees only what the previous ones kept):
 ``class_filtered`` class name not in ``allow_classes`` (when given), or in ``deny_classes``
 ``small``          area below ``min_area_px``, or below ``min_area_frac`` of the image area
 ``nms``            suppressed by a higher-scoring box of the same class name (IoU > ``nms_iou``)
+``duplicate``      suppressed by a higher-scoring box of another class name that covers the same
+                   object (IoU > ``duplicate_iou``): a detector unsure between two classes
+                   outputs both boxes, and a region-level annotation wants one region per object
 ``over_max``       beyond the ``max_regions`` highest scores
 
 The output is ordered by score, highest first, ties broken by the original index, so the same
@@ -38,6 +41,7 @@ class PostProcess:
     allow_classes: tuple[str, ...] | None = None
     deny_classes: tuple[str, ...] = ()
     nms_iou: float | None = 0.7
+    duplicate_iou: float | None = 0.8
     min_area_px: float = 0.0
     min_area_frac: float = 0.0
     max_regions: int | None = 50
@@ -52,6 +56,9 @@ class PostProcess:
             raise ValueError(f"PostProcess.score_threshold must be a finite number, got {self.score_threshold}")
         if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"PostProcess.nms_iou must be in (0, 1] or None to turn NMS off, got {self.nms_iou}")
+        if self.duplicate_iou is not None and not 0.0 < self.duplicate_iou <= 1.0:
+            raise ValueError("PostProcess.duplicate_iou must be in (0, 1] or None to keep boxes of different "
+                             f"classes on one object, got {self.duplicate_iou}")
         if self.min_area_px < 0 or not 0.0 <= self.min_area_frac <= 1.0:
             raise ValueError("PostProcess: min_area_px must be >= 0 and min_area_frac in [0, 1], got "
                              f"{self.min_area_px} and {self.min_area_frac}")
@@ -83,7 +90,8 @@ def postprocess(regions: Regions, width: int, height: int, cfg: PostProcess) -> 
         _count(dropped, reason, int((~mask).sum()))
         keep = keep[mask]
     keep = keep[np.lexsort((keep, -regions.scores[keep]))]  # score descending, then original index
-    keep = _nms(regions, boxes, keep, cfg, dropped)
+    keep = _nms(regions, boxes, keep, cfg.nms_iou, True, dropped, "nms")
+    keep = _nms(regions, boxes, keep, cfg.duplicate_iou, False, dropped, "duplicate")
     if cfg.max_regions is not None:
         _count(dropped, "over_max", max(0, len(keep) - cfg.max_regions))
         keep = keep[:cfg.max_regions]
@@ -140,23 +148,25 @@ _MASK_RULES = (
 )
 
 
-def _nms(regions: Regions, boxes: np.ndarray, keep: np.ndarray, cfg: PostProcess, dropped: dict) -> np.ndarray:
-    """``keep`` (already best-first) minus the boxes that class-aware NMS suppresses, order kept.
+def _nms(regions: Regions, boxes: np.ndarray, keep: np.ndarray, iou: float | None, per_class: bool,
+         dropped: dict, reason: str) -> np.ndarray:
+    """``keep`` (already best-first) minus the boxes that NMS at ``iou`` suppresses (within a class
+    name when ``per_class``, else across all), order kept; counted under ``reason``.
 
     torchvision's NMS sorts by score itself, and an unstable sort makes the winner among equal
     scores arbitrary; giving it strictly decreasing ranks instead of the scores keeps our order
     (score, then original index) the one that decides.
     """
-    if cfg.nms_iou is None or len(keep) < 2:
+    if iou is None or len(keep) < 2:
         return keep
     import torch
     from torchvision.ops import batched_nms
 
-    names = [regions.class_names[i] for i in keep]
+    names = [regions.class_names[i] if per_class else "" for i in keep]
     codes = {name: code for code, name in enumerate(dict.fromkeys(names))}
     ranks = torch.arange(len(keep), 0, -1, dtype=torch.float64)  # best first -> highest rank
     kept = batched_nms(torch.from_numpy(boxes[keep]), ranks,
-                       torch.tensor([codes[n] for n in names]), cfg.nms_iou).numpy()
+                       torch.tensor([codes[n] for n in names]), iou).numpy()
     kept.sort()  # positions in the best-first order
-    _count(dropped, "nms", len(keep) - len(kept))
+    _count(dropped, reason, len(keep) - len(kept))
     return keep[kept]

@@ -47,6 +47,22 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
+def _iou_or_off(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1] or 'off', got {text!r}")
+    return value
+
+
+_DUPLICATE_HELP = ("drop a box that overlaps a higher-scoring box of another class by more than this IoU "
+                   "(one region per object; 'off' keeps both; default 0.8)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="demo (the shipped model), a preset name (random weights) or a local checkpoint directory")
@@ -74,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-new-tokens", type=int, default=32)
     caption.add_argument("--score-threshold", type=float, default=0.25)
     caption.add_argument("--max-regions", type=int, default=50)
+    caption.add_argument("--duplicate-iou", type=_iou_or_off, default=0.8, help=_DUPLICATE_HELP)
     caption.add_argument("--captions", default="brief", help="comma list of brief, detailed")
     caption.add_argument("--attributes", default="color,shape,material,action", help="comma list ('' for none)")
     caption.add_argument("--max-pairs", type=int, default=8, help="relation questions per image (0: none)")
@@ -147,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=200, help="images to score (default 200)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the scores here")
     evaluate.add_argument("--score-threshold", type=float, default=0.25, help="detector score kept for captioning")
+    evaluate.add_argument("--duplicate-iou", type=_iou_or_off, default=0.8, help=_DUPLICATE_HELP)
     _add_model_args(evaluate)
 
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
@@ -219,7 +237,8 @@ def cmd_caption(args) -> int:
             device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
             compose=ComposeConfig(captions=names(args.captions), attributes=names(args.attributes),
                                   relations=args.max_pairs > 0, max_pairs=args.max_pairs),
-            postprocess=PostProcess(score_threshold=args.score_threshold, max_regions=args.max_regions),
+            postprocess=PostProcess(score_threshold=args.score_threshold, max_regions=args.max_regions,
+                                    duplicate_iou=args.duplicate_iou),
             use_ray=not args.no_ray, address=args.address, detect_actors=args.detect_actors,
             describe_actors=args.describe_actors, gpus_per_describe_actor=args.gpus_per_actor,
             rows_per_part=args.rows_per_part,
@@ -394,11 +413,12 @@ def cmd_world(args) -> int:
 
 
 def _raw_detections(detector, uris):
-    """Detections for mAP: post-processed (clip, NMS) but kept down to a very low score."""
+    """Detections for mAP, scored as detectors are: clipped and class-aware NMS, kept down to a very
+    low score, no cross-class duplicate suppression (that is the job's choice, not the detector's)."""
     from detectors.postprocess import PostProcess, postprocess
     from pipeline import ImageSource, decode_image
 
-    keep_all = PostProcess(score_threshold=0.001, max_regions=100)
+    keep_all = PostProcess(score_threshold=0.001, max_regions=100, duplicate_iou=None)
     out = []
     for start in range(0, len(uris), 16):
         images = [decode_image(ImageSource(u)) for u in uris[start:start + 16]]
@@ -419,7 +439,8 @@ def cmd_evaluate(args) -> int:
     from detectors.postprocess import PostProcess
 
     config = AnnotateConfig(engine=EngineConfig(max_new_tokens=args.max_new_tokens),
-                            postprocess=PostProcess(score_threshold=args.score_threshold))
+                            postprocess=PostProcess(score_threshold=args.score_threshold,
+                                                    duplicate_iou=args.duplicate_iou))
     uris = [t.image for t in truths]
     scores = {"images": len(truths)}
     given = GivenBoxes({t.image: t.regions for t in truths})
@@ -427,7 +448,15 @@ def cmd_evaluate(args) -> int:
     detector_spec = args.detector or _default_detector_spec()
     if detector_spec:
         detector = build_detector(detector_spec, device=_device(args.device))
-        scores["detector"] = detection_scores(_raw_detections(detector, uris), truths, args.score_threshold)
+        from detectors.postprocess import postprocess
+
+        raw = _raw_detections(detector, uris)
+        scores["detector"] = detection_scores(raw, truths, args.score_threshold)
+        # precision and recall of the boxes the job keeps (duplicates of one object removed)
+        kept = [postprocess(r, t.width, t.height, config.postprocess) for r, t in zip(raw, truths)]
+        job = detection_scores(kept, truths, args.score_threshold)
+        scores["detector"] |= {"precision": job["precision"], "recall": job["recall"],
+                               "precision_before_duplicates": scores["detector"]["precision"]}
         scores["detector_boxes"] = answer_scores(annotate(uris, detector, loaded, config), truths)
     print(json.dumps(scores, indent=2))
     if args.json:

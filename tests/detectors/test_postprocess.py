@@ -9,7 +9,7 @@ from detectors.postprocess import PostProcess, postprocess
 from pipeline.records import Regions
 
 W, H = 100, 80
-NONE = PostProcess(score_threshold=0.0, nms_iou=None, max_regions=None)  # every rule off
+NONE = PostProcess(score_threshold=0.0, nms_iou=None, duplicate_iou=None, max_regions=None)  # every rule off
 
 
 def regions(boxes, scores=None, names=None, dropped=None):
@@ -96,6 +96,26 @@ def test_nms_is_class_aware():
     assert out.class_names == ["a", "b", "a"] and out.dropped == {"nms": 1}
     np.testing.assert_array_equal(out.boxes, np.float32([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]))
     assert run(r, nms_iou=0.9).dropped == {}  # 0.818 is not above 0.9
+
+
+def test_a_box_of_another_class_on_the_same_object_is_a_duplicate():
+    # IoU(0, 1) = 90 / 110 = 0.818 (classes a, b); IoU(0, 2) = 50 / 150 = 0.33 (class c)
+    boxes = [[0, 0, 10, 10], [1, 0, 11, 10], [5, 0, 15, 10], [50, 50, 60, 60]]
+    r = regions(boxes, scores=[0.7, 0.9, 0.8, 0.6], names=["a", "b", "c", "a"])
+    out = run(r, duplicate_iou=0.8)
+    assert out.class_names == ["b", "c", "a"] and out.dropped == {"duplicate": 1}  # the higher score wins
+    np.testing.assert_array_equal(out.boxes[0], np.float32([1, 0, 11, 10]))
+    assert run(r, duplicate_iou=0.85).dropped == {}
+    assert run(r, duplicate_iou=0.3).dropped == {"duplicate": 2}  # box 2 overlaps box 1 by 0.43
+    # same-class boxes are NMS's business, counted under their own rule first
+    same = regions(boxes[:2], scores=[0.7, 0.9], names=["a", "a"])
+    assert run(same, nms_iou=0.7, duplicate_iou=0.7).dropped == {"nms": 1}
+
+
+def test_duplicate_iou_is_on_by_default_and_checked():
+    assert PostProcess().duplicate_iou == 0.8
+    with pytest.raises(ValueError, match="duplicate_iou"):
+        PostProcess(duplicate_iou=1.5)
 
 
 def test_nms_between_equal_scores_keeps_the_first_index():

@@ -45,3 +45,18 @@ def test_describe_answers_and_refuses_bad_input(tmp_path):
     assert r.returncode == 2 and "cannot read image" in r.stderr
     r = run("describe", str(image), "--box", "5,5,30,30", "--model", "nonesuch", "What is <region1>?")
     assert r.returncode == 2 and "valid presets" in r.stderr
+
+
+def test_duplicate_iou_option(capsys):
+    import pytest
+
+    from jobs.cli import build_parser
+
+    parser = build_parser()
+    base = ["caption", "imgs", "--out", "o"]
+    assert parser.parse_args(base).duplicate_iou == 0.8
+    assert parser.parse_args(base + ["--duplicate-iou", "off"]).duplicate_iou is None
+    assert parser.parse_args(base + ["--duplicate-iou", "0.6"]).duplicate_iou == 0.6
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--duplicate-iou", "2"])
+    assert "expected an IoU in (0, 1] or 'off'" in capsys.readouterr().err
