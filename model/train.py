@@ -50,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_length: int = 2048  # tokens per sample; whole turns beyond it are dropped
     max_turns: int = 0  # 0: all; else a random subset of the QA pairs of each sample per epoch
+    box_jitter: float = 0.0  # std of noise on each box edge, in box widths/heights (detector-like boxes)
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -155,6 +156,7 @@ class Batches:
 
         cfg, model_cfg, tok = self.cfg, self.loaded.config, self.loaded.tokenizer
         rng = random.Random(cfg.seed * 7919 + salt)
+        jitter_rng = random.Random(cfg.seed * 7919 + salt + 1)  # its own stream: turns drawn as without jitter
         images, samples, boxes = [], [], []
         for rec in records:
             with Image.open(rec["image"]) as im:
@@ -166,7 +168,10 @@ class Batches:
             enc = encode_conversation(tok, turns, model_cfg.system, cfg.max_length)
             samples.append(enc)
             w, h = images[-1].size
-            boxes.append(normalize_boxes([rec["boxes"][i] for i in enc.boxes], w, h))
+            picked = [rec["boxes"][i] for i in enc.boxes]
+            if cfg.box_jitter:
+                picked = [jitter_box(b, cfg.box_jitter, w, h, jitter_rng) for b in picked]
+            boxes.append(normalize_boxes(picked, w, h))
         width = max(len(s.ids) for s in samples)
         pad = model_cfg.tokens.pad_id
         ids = torch.tensor([s.ids + [pad] * (width - len(s.ids)) for s in samples])
@@ -174,6 +179,18 @@ class Batches:
         mask = torch.tensor([[1] * len(s.ids) + [0] * (width - len(s.ids)) for s in samples])
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "boxes": boxes,
                 "pixel_values": preprocess(images, model_cfg.vision)}
+
+
+def jitter_box(box, std: float, width: int, height: int, rng: random.Random) -> list[float]:
+    """``box`` with Gaussian noise on each edge (``std`` of its width for x, of its height for y),
+    clipped to the image and kept at least 1 px wide and high."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    bw, bh = x2 - x1, y2 - y1
+    x1, x2 = (v + rng.gauss(0.0, std * bw) for v in (x1, x2))
+    y1, y2 = (v + rng.gauss(0.0, std * bh) for v in (y1, y2))
+    x1, x2 = min(max(min(x1, x2), 0.0), width - 1.0), min(max(x1, x2), float(width))
+    y1, y2 = min(max(min(y1, y2), 0.0), height - 1.0), min(max(y1, y2), float(height))
+    return [x1, y1, max(x2, x1 + 1.0), max(y2, y1 + 1.0)]
 
 
 # The loop -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,3 +124,26 @@ def test_freeze_keeps_a_stage_module_frozen():
     assert all(p.requires_grad for p in loaded.model.llm.parameters())
     with pytest.raises(ValueError, match="which stage 1 does not train"):
         set_trainable(loaded.model, 1, freeze=["llm"])
+
+
+def test_box_jitter_moves_boxes_a_little_inside_the_image_and_is_seeded(world, tiny):
+    import random
+
+    from model.train import jitter_box
+
+    rng = random.Random(0)
+    for _ in range(200):
+        x1, y1, x2, y2 = jitter_box([90, 5, 100, 45], 0.5, 100, 50, rng)  # large noise at the corner
+        assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 50 and x2 - x1 >= 1 and y2 - y1 >= 1
+    moves = [abs(a - b) / 40 for _ in range(200) for a, b in zip(jitter_box([10, 10, 50, 50], 0.05, 500, 500, rng),
+                                                                    [10, 10, 50, 50])]
+    assert 0.02 < sum(moves) / len(moves) < 0.06  # mean |N(0, 0.05)| = 0.04 of the side
+
+    data = [str(world / "conversations.jsonl")]
+    exact = TrainConfig(data=data, init="tiny", batch_size=2, max_turns=4)
+    records = read_conversations(data)
+    plain = next(Batches(records, tiny, exact).epoch(0))["boxes"]
+    jittered = [next(Batches(records, tiny, replace(exact, box_jitter=0.05)).epoch(0))["boxes"] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(jittered[0], jittered[1]))  # same seed, same noise
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(plain, jittered[0])])
+    assert 0 < diff.max() < 0.1 and diff.mean() > 1e-4
