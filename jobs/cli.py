@@ -53,8 +53,8 @@ def _iou_or_off(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1] or 'off', got {text!r}")
     return value
 

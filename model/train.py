@@ -185,12 +185,10 @@ def jitter_box(box, std: float, width: int, height: int, rng: random.Random) -> 
     """``box`` with Gaussian noise on each edge (``std`` of its width for x, of its height for y),
     clipped to the image and kept at least 1 px wide and high."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    bw, bh = x2 - x1, y2 - y1
-    x1, x2 = (v + rng.gauss(0.0, std * bw) for v in (x1, x2))
-    y1, y2 = (v + rng.gauss(0.0, std * bh) for v in (y1, y2))
-    x1, x2 = min(max(min(x1, x2), 0.0), width - 1.0), min(max(x1, x2), float(width))
-    y1, y2 = min(max(min(y1, y2), 0.0), height - 1.0), min(max(y1, y2), float(height))
-    return [x1, y1, max(x2, x1 + 1.0), max(y2, y1 + 1.0)]
+    xa, xb = sorted(v + rng.gauss(0.0, std * (x2 - x1)) for v in (x1, x2))
+    ya, yb = sorted(v + rng.gauss(0.0, std * (y2 - y1)) for v in (y1, y2))
+    xa, ya = min(max(xa, 0.0), width - 1.0), min(max(ya, 0.0), height - 1.0)
+    return [xa, ya, min(max(xb, xa + 1.0), float(width)), min(max(yb, ya + 1.0), float(height))]
 
 
 # The loop -----------------------------------------------------------------------------------------
