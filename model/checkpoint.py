@@ -123,16 +123,8 @@ def is_roiscribe_checkpoint(directory: str | Path) -> bool:
 
 
 def init_or_load(spec: str | Path, seed: int = 0) -> Loaded:
-    """A roiscribe checkpoint directory, or else a preset name (random init). A preset name wins
-    over a same-named folder that is not a checkpoint (``demo`` is both at the repository root)."""
-    from .config import PRESETS
-
-    if is_roiscribe_checkpoint(spec):
-        return load_pretrained(spec)
-    if str(spec) in PRESETS:
-        return random_init(str(spec), seed=seed)
-    raise ValueError(f"init {str(spec)!r} is neither a roiscribe checkpoint directory nor a preset "
-                     f"({', '.join(sorted(PRESETS))})")
+    """The starting point of a training run: ``load_model(spec)`` on the CPU in float32."""
+    return load_model(spec, seed=seed)
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
@@ -384,18 +376,37 @@ def _finish(model: GPT4RoI, device, dtype) -> None:
 
 # One entry point ----------------------------------------------------------------------------------
 
+RANDOM = "random:"  # model spec prefix: a preset with random weights, e.g. random:tiny
+SHIPPED = "demo"  # model spec: the shipped demo model
+
+
 def load_model(spec: str | Path, clip: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, seed: int = 0, official_base: str = "gpt4roi-7b") -> Loaded:
-    """A model from a preset name (random weights), a roiscribe checkpoint, or an official-layout
-    directory (which needs ``clip``, a local CLIP directory; ``official_base`` is the preset that
-    supplies the region-encoder sizes the official config does not record)."""
+    """The model a spec names; the one resolver of model specs for every command and job.
+
+    * ``demo``: the shipped demo model (``demo/gpt4roi``);
+    * ``random:PRESET`` (``random:tiny``, ``random:demo``, ``random:gpt4roi-7b``): a preset with
+      random weights, deterministic per ``seed``;
+    * a roiscribe checkpoint directory;
+    * an official-layout directory, which needs ``clip`` (a local CLIP directory);
+      ``official_base`` is the preset that supplies the region-encoder sizes the official config
+      does not record.
+    """
+    text = str(spec)
+    if text == SHIPPED:
+        import demo
+
+        return load_pretrained(demo.model_dir(), device=device, dtype=dtype)
+    if text.startswith(RANDOM):
+        return random_init(get_preset(text[len(RANDOM):]), seed=seed, device=device, dtype=dtype or torch.float32)
     path = Path(spec)
-    if isinstance(spec, str) and not path.exists():
-        try:
-            get_preset(spec)
-        except KeyError as e:
-            raise ValueError(f"{spec!r} is neither a local checkpoint directory nor a preset: {e.args[0]}") from None
-        return random_init(spec, seed=seed, device=device, dtype=dtype or torch.float32)
+    if not path.exists():
+        from .config import PRESETS
+
+        hint = (f"; for random weights of that preset write {RANDOM}{text}" if text in PRESETS else
+                f"; expected {SHIPPED!r}, {RANDOM}PRESET ({', '.join(RANDOM + p for p in sorted(PRESETS))}) "
+                "or a checkpoint directory")
+        raise ValueError(f"model {text!r} is not a local checkpoint directory{hint}")
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint directory")
     if is_roiscribe_checkpoint(path):

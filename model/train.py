@@ -38,7 +38,7 @@ STAGE_TRAINABLE = {1: ("spi_module",), 2: ("mm_projector", "spi_module", "llm")}
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # JSONL / Parquet conversation files
     out: str = "runs/train"
-    init: str = "tiny"  # a preset name (random init) or a roiscribe checkpoint directory
+    init: str = "random:tiny"  # a model spec: random:PRESET, demo, or a roiscribe checkpoint directory
     stage: int = 2
     train_vision_tower: bool = False  # the paper keeps CLIP frozen; a from-scratch demo may not
     freeze: list[str] = field(default_factory=list)  # stage modules to keep frozen anyway, e.g. ["spi_module"]

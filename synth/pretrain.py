@@ -38,7 +38,7 @@ LABELS = {"shape": SHAPES, "color": tuple(COLORS), "material": MATERIALS, "size"
 class PretrainConfig:
     world: str = "runs/world"  # a `roiscribe world` folder (its ground_truth.jsonl files)
     out: str = "runs/demo-vision"
-    init: str = "demo"  # a preset (random init) or a roiscribe checkpoint directory
+    init: str = "random:demo"  # a model spec: random:PRESET, demo, or a roiscribe checkpoint directory
     steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3

@@ -130,8 +130,24 @@ def test_official_checkpoint_needs_clip_and_says_so(official):
     _, ckpt, _ = official
     with pytest.raises(ValueError, match="--clip"):
         load_model(str(ckpt))
-    with pytest.raises(ValueError, match="neither a local checkpoint directory nor a preset.*tiny"):
+    with pytest.raises(ValueError, match="not a local checkpoint directory.*random:tiny"):
         load_model("no-such-model")
+
+
+def test_model_specs_name_what_they_load(tmp_path, monkeypatch):
+    import demo
+
+    (tmp_path / "demo").mkdir()  # like demo/ at the repository root: a folder, not a checkpoint
+    monkeypatch.chdir(tmp_path)
+    shipped = load_model("demo")
+    assert shipped.config.name == "demo"
+    on_disk = load_pretrained(demo.model_dir()).model.state_dict()
+    assert all(torch.equal(v, on_disk[k]) for k, v in shipped.model.state_dict().items())
+    assert load_model("random:tiny").config.name == "tiny"
+    random_demo = load_model("random:demo").model.state_dict()
+    assert not all(torch.equal(v, on_disk[k]) for k, v in random_demo.items() if v.is_floating_point())
+    with pytest.raises(ValueError, match="write random:tiny"):
+        load_model("tiny")  # a bare preset name no longer means random weights silently
 
 
 def test_apply_delta_round_trips(official, tmp_path, rng_image):

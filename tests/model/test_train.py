@@ -69,7 +69,7 @@ def test_a_few_steps_of_each_stage_reduce_the_loss(world, stage, trainable):
 
 
 def test_training_saves_and_resumes(world, tmp_path):
-    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "run"), init="tiny",
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "run"), init="random:tiny",
                       max_steps=4, save_every=2, batch_size=2, max_turns=4, warmup_steps=1, lr=1e-3)
     final = train(cfg, progress=False)
     assert final.name == "checkpoint-4"
@@ -93,7 +93,7 @@ def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):
 
     from jobs.train import train_on_ray
 
-    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "ray_run"), init="tiny",
+    cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "ray_run"), init="random:tiny",
                       max_steps=2, save_every=2, batch_size=1, max_turns=2, warmup_steps=1)
     try:
         final = train_on_ray(cfg, workers=2, cpus_per_worker=0.5)
@@ -140,7 +140,7 @@ def test_box_jitter_moves_boxes_a_little_inside_the_image_and_is_seeded(world, t
     assert 0.02 < sum(moves) / len(moves) < 0.06  # mean |N(0, 0.05)| = 0.04 of the side
 
     data = [str(world / "conversations.jsonl")]
-    exact = TrainConfig(data=data, init="tiny", batch_size=2, max_turns=4)
+    exact = TrainConfig(data=data, init="random:tiny", batch_size=2, max_turns=4)
     records = read_conversations(data)
     plain = next(Batches(records, tiny, exact).epoch(0))["boxes"]
     jittered = [next(Batches(records, tiny, replace(exact, box_jitter=0.05)).epoch(0))["boxes"] for _ in range(2)]

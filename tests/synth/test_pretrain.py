@@ -40,7 +40,7 @@ def test_a_few_steps_reduce_the_loss_and_touch_only_the_vision_side(world):
 
 
 def test_pretraining_checkpoints_and_resumes(world, tmp_path):
-    cfg = PretrainConfig(world=str(world), out=str(tmp_path / "run"), init="tiny", steps=2, batch_size=2,
+    cfg = PretrainConfig(world=str(world), out=str(tmp_path / "run"), init="random:tiny", steps=2, batch_size=2,
                          save_every=1, warmup_steps=1)
     final = pretrain(cfg, progress=False)
     assert final.name == "checkpoint-2"
@@ -54,9 +54,9 @@ def test_pretraining_checkpoints_and_resumes(world, tmp_path):
     assert changed == {"vision_tower", "spi_module"}
 
 
-def test_init_prefers_a_preset_over_a_same_named_folder(tmp_path, monkeypatch):
-    (tmp_path / "tiny").mkdir()  # like demo/ at the repository root: a folder, not a checkpoint
+def test_init_is_a_model_spec(tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()  # a folder that is not a checkpoint does not shadow a spec
     monkeypatch.chdir(tmp_path)
-    assert init_or_load("tiny").config.name == "tiny"
-    with pytest.raises(ValueError, match="neither a roiscribe checkpoint directory nor a preset"):
+    assert init_or_load("random:tiny").config.name == "tiny"
+    with pytest.raises(ValueError, match="not a local checkpoint directory"):
         init_or_load("no-such-thing")
