@@ -2,7 +2,7 @@
 
 A detector turns decoded images into raw ``Regions`` (see ``pipeline/records.py`` for the
 coordinate convention): one ``Regions`` per input image, in input order, before any
-post-processing. Filtering, clipping and NMS live in ``detectors/postprocess.py`` so that every
+post-processing. Filtering, clipping and NMS live in ``pipeline/postprocess.py`` (the detect stage) so that every
 detector is cleaned up by the same rules and counts what it removed the same way.
 """
 
@@ -24,19 +24,6 @@ class Detector(Protocol):
     def detect(self, images: Sequence[DecodedImage]) -> list[Regions]:
         """One ``Regions`` per image, in order; raw detections before post-processing."""
         ...
-
-
-def resolve_device(device: str) -> str:
-    """Turn ``"auto"`` into ``"cuda"`` when a GPU is visible, else ``"cpu"``; pass others through.
-
-    Adapters take a device string so a caller can pin a GPU (``"cuda:1"``); ``"auto"`` is what a
-    job wants when the same config must run on a laptop and on a GPU node.
-    """
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_image(image: DecodedImage) -> np.ndarray:

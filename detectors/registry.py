@@ -3,6 +3,7 @@
 Spec syntax: ``KIND[:ARGS]``, split on the first colon only so that paths may hold colons.
 
 ==============================  ============================================================
+``demo``                        the shipped demo detector (``demo/detector.pt``, ultralytics)
 ``yolo:PATH.pt``                an ultralytics checkpoint on local disk
 ``yolo:NAME_OR_PATH.yaml``      an ultralytics model YAML (e.g. ``yolov8n.yaml``), random weights
 ``torchvision:ARCH:PATH``       a torchvision detection builder + a local state dict
@@ -61,7 +62,16 @@ def _given(args: str | None, device: str, **kwargs) -> Detector:
     return GivenBoxes.from_label_studio(path, **kwargs)
 
 
+def _demo(args: str | None, device: str, **kwargs) -> Detector:
+    if args:
+        raise ValueError(f"detector spec 'demo' takes no arguments, got 'demo:{args}'")
+    import demo
+
+    return _yolo(str(demo.detector_path()), device, **kwargs)
+
+
 DETECTORS: dict[str, Callable[..., Detector]] = {
+    "demo": _demo,
     "yolo": _yolo,
     "torchvision": _torchvision,
     "given": _given,

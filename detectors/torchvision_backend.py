@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from detectors.base import batches, check_image, resolve_device
+from detectors.base import batches, check_image
+from model.device import resolve_device
 from pipeline.records import DecodedImage, Regions
 
 COCO_NUM_CLASSES = 91  # torchvision's COCO label space: 80 classes, background and "N/A" gaps
@@ -58,7 +59,7 @@ ARCHS: dict[str, Family] = {
 class TorchvisionDetector:
     """A torchvision detection model (``arch`` from ``ARCHS``) with weights from ``weights_path``.
 
-    ``score_threshold`` is low on purpose: ``detectors.postprocess`` decides what to keep.
+    ``score_threshold`` is low on purpose: ``pipeline.postprocess`` decides what to keep.
     """
 
     def __init__(self, arch: str, weights_path: str, device: str = "cpu", score_threshold: float = 0.001,
@@ -67,7 +68,7 @@ class TorchvisionDetector:
         state = load_state_dict(weights_path)
         num_classes = infer_num_classes(arch, state)
         self.name = f"torchvision:{arch}"
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.batch_size = batch_size
         self.class_names = default_class_names(num_classes, class_names)
         self.model = _build(arch, num_classes, {family.score_kwarg: score_threshold, family.max_det_kwarg: max_det})

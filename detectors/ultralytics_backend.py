@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from detectors.base import batches, check_image, resolve_device
+from detectors.base import batches, check_image
+from model.device import resolve_device
 from pipeline.records import DecodedImage, Regions
 
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -77,7 +78,7 @@ def _install_fonts(folder: Path) -> None:
 class UltralyticsDetector:
     """An ultralytics YOLO detection model, from a local ``.pt`` or a model YAML (random weights).
 
-    ``conf`` is low on purpose: ``detectors.postprocess`` decides what to keep. Images are letter-
+    ``conf`` is low on purpose: ``pipeline.postprocess`` decides what to keep. Images are letter-
     boxed to a square ``imgsz`` (``rect=False``) so an image's boxes do not depend on which other
     images share its batch; ``rect=True`` trades that for less padding on non-square images.
     """
@@ -94,7 +95,7 @@ class UltralyticsDetector:
             raise ValueError(f"{weights!r} is a {self.model.task!r} model; roiscribe takes boxes from "
                              f"{', '.join(_BOX_TASKS)} models")
         self.name = f"yolo:{Path(weights).name}"
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         self.batch_size = batch_size
         # Default: the size the checkpoint was trained at (a model trained at 256 px sees objects at
         # another scale at 640); 640 for a YAML or a checkpoint that does not record it.

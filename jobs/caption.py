@@ -1,295 +1,159 @@
-"""The main job: caption every image of a source into Parquet, in process or on Ray.
+"""The main job: caption every image of a source into Parquet, in this process or on Ray.
 
-Stages (the same code in both modes): decode (CPU) -> detect (detector) -> describe (compose,
-the batched engine, parse) -> rows. On Ray each stage is a ``map_batches`` step — decode as tasks,
-detect and describe as actor pools holding their models — streamed to the driver, which writes
-part files as rows arrive, so driver memory stays flat however many images there are.
+Both runners call the same public stages (``pipeline.stages``: decode, detect + post-process,
+describe) on the same :class:`~jobs.config.JobConfig`, and both hand the sink the same Arrow rows
+(``pipeline.arrow.to_table``); a runner adds scheduling, never logic.
 
-Every input yields one row (``ok`` or ``error`` with a reason). Output parts are atomic; a resumed
+* ``local``: batches of ``batch_size`` images through the three stages, in order.
+* ``ray``: a Ray Data pipeline. By default one actor pool (``DescribeActor``) decodes, detects and
+  describes, so a job pays for starting one kind of actor; with ``runner.detect_actors > 0`` a
+  ``DetectActor`` pool decodes and detects and passes the pixels on in the batch. Rows stream back
+  to the driver, which writes part files as they arrive.
+* ``auto`` (the default): ``local`` for a job of at most ``runner.local_max_images`` images when no
+  cluster address is given (starting a cluster costs more than it saves), else ``ray``.
+
+Every input yields one row (``ok`` or ``error`` with a reason). Part files are atomic; a resumed
 job skips images whose rows exist; ``retry_failed`` reprocesses error rows and replaces them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from detectors.postprocess import PostProcess
-from model.engine import EngineConfig
-from pipeline.compose import ComposeConfig
-from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_image
-from pipeline.flow import ERROR, OK, AnnotateConfig, ImageResult, _describe, _detect
-from pipeline.records import DecodedImage, Regions
-from sinks.parquet import SCHEMA_VERSION, ParquetSink, Provenance, reconcile, result_to_row, statuses
+from pipeline.arrow import SCHEMA_VERSION, Provenance, from_table, to_table
+from pipeline.decode import ImageSource
+from pipeline.records import ERROR
+from pipeline.stages import decode_stage, describe_stage, detect_stage
+from sinks.parquet import ParquetSink, reconcile, statuses
 
+from .config import JobConfig, RunnerConfig
 from .sources import Source, SourceItem
-
-
-@dataclass
-class CaptionConfig:
-    """Everything a caption job needs; saved as ``OUT/manifest.json`` with every run."""
-
-    source: str
-    out: str
-    model: str = "demo"
-    clip: str | None = None
-    detector: str = "demo"
-    device: str = "auto"
-    batch_size: int = 8  # images per detect / describe call
-    max_new_tokens: int = 32
-    compose: ComposeConfig = field(default_factory=ComposeConfig)
-    postprocess: PostProcess = field(default_factory=PostProcess)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_part: int = 500
-    # Ray
-    use_ray: bool = True
-    address: str | None = None
-    detect_actors: int = 1
-    describe_actors: int = 1
-    detect_cpus: float = 0.5  # per detect actor
-    describe_cpus: float = 1.0  # per describe actor
-    gpus_per_describe_actor: float = 0.0  # 0: auto (1 when the cluster has GPUs)
-    decode_cpus: float = 0.25  # per decode task
-
-    def annotate_config(self) -> AnnotateConfig:
-        return AnnotateConfig(compose=self.compose, engine=EngineConfig(max_new_tokens=self.max_new_tokens),
-                              postprocess=self.postprocess, batch_size=self.batch_size, max_pixels=self.max_pixels)
-
-
-# Model and detector resolution ----------------------------------------------------------------------
-
-def demo_dir() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("demo")))
-
-
-def resolve_model_spec(spec: str) -> str:
-    if spec == "demo":
-        path = demo_dir() / "gpt4roi"
-        if not path.is_dir():
-            raise FileNotFoundError(f"the demo model is not at {path}; pass --model tiny (random weights) or a checkpoint")
-        return str(path)
-    return spec
-
-
-def resolve_detector_spec(spec: str) -> str:
-    if spec == "demo":
-        path = demo_dir() / "detector.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"the demo detector is not at {path}; pass --detector SPEC")
-        return f"yolo:{path}"
-    return spec
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def load_engine(cfg: CaptionConfig):
-    import torch
-
-    from model.checkpoint import load_model
-    from model.engine import RegionEngine
-
-    device = _device(cfg.device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    loaded = load_model(resolve_model_spec(cfg.model), clip=cfg.clip, device=device, dtype=dtype)
-    return RegionEngine(loaded, cfg.annotate_config().engine)
-
-
-def load_detector(cfg: CaptionConfig, given: str | None):
-    from detectors import build_detector
-
-    if given is not None:  # the source's own boxes (COCO, a Label Studio pull)
-        return build_detector(given)
-    return build_detector(resolve_detector_spec(cfg.detector), device=_device(cfg.device))
-
-
-def provenance(cfg: CaptionConfig, source: Source) -> Provenance:
-    detector = source.given_spec or resolve_detector_spec(cfg.detector)
-    return Provenance(detector=detector, model=resolve_model_spec(cfg.model),
-                      templates_version=cfg.compose.templates.version)
-
-
-# The stages, shared by both modes ------------------------------------------------------------------
-
-def decode_stage(items: list[SourceItem], max_pixels: int) -> list[tuple[ImageResult, DecodedImage | None]]:
-    out = []
-    for item in items:
-        t = time.perf_counter()
-        try:
-            image = decode_image(ImageSource(item.uri, image_id=item.image_id), max_pixels)
-        except ImageDecodeError as e:
-            out.append((ImageResult(item.image_id, item.uri, ERROR, f"decode: {e}"), None))
-            continue
-        result = ImageResult(item.image_id, item.uri, OK, width=image.width, height=image.height)
-        result.timings["decode"] = time.perf_counter() - t
-        out.append((result, image))
-    return out
-
-
-def detect_stage(pairs, detector, cfg: AnnotateConfig) -> None:
-    live = [(r, im) for r, im in pairs if r.status == OK]
-    if live:
-        _detect(live, detector, cfg)
-
-
-def describe_stage(pairs, engine, cfg: AnnotateConfig) -> None:
-    live = [(r, im) for r, im in pairs if r.status == OK]
-    if live:
-        _describe(live, engine, cfg)
-
-
-# In process ------------------------------------------------------------------------------------------
-
-def rows_inprocess(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, given: str | None) -> Iterator[list[dict]]:
-    detector, engine, acfg = load_detector(cfg, given), load_engine(cfg), cfg.annotate_config()
-    for start in range(0, len(items), cfg.batch_size):
-        pairs = decode_stage(items[start:start + cfg.batch_size], cfg.max_pixels)
-        detect_stage(pairs, detector, acfg)
-        describe_stage(pairs, engine, acfg)
-        yield [result_to_row(r, prov) for r, _ in pairs]
-
-
-# On Ray ------------------------------------------------------------------------------------------------
-
-def _pack(pairs) -> dict:
-    """Stage output as a Ray Data batch: plain columns, the image as bytes + shape."""
-    return {
-        "image_id": [r.image_id for r, _ in pairs],
-        "uri": [r.uri for r, _ in pairs],
-        "result": [json.dumps(_result_state(r)) for r, _ in pairs],
-        "pixels": [im.array.tobytes() if im is not None else b"" for _, im in pairs],
-        "shape": [json.dumps(list(im.array.shape)) if im is not None else "[]" for _, im in pairs],
-    }
-
-
-def _unpack(batch: dict) -> list[tuple[ImageResult, DecodedImage | None]]:
-    pairs = []
-    for i in range(len(batch["image_id"])):
-        result = _result_from_state(json.loads(batch["result"][i]))
-        shape = json.loads(batch["shape"][i])
-        image = None
-        if shape:
-            array = np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(shape)
-            image = DecodedImage(result.image_id, result.uri, array)
-        pairs.append((result, image))
-    return pairs
-
-
-def _result_state(r: ImageResult) -> dict:
-    reg = r.regions
-    return {"image_id": r.image_id, "uri": r.uri, "status": r.status, "error": r.error, "width": r.width,
-            "height": r.height, "timings": r.timings,
-            "regions": {"boxes": reg.boxes.tolist(), "scores": reg.scores.tolist(), "class_ids": reg.class_ids.tolist(),
-                        "class_names": reg.class_names, "detector": reg.detector, "dropped": reg.dropped}}
-
-
-def _result_from_state(s: dict) -> ImageResult:
-    reg = s["regions"]
-    regions = Regions(np.asarray(reg["boxes"], np.float32).reshape(-1, 4), reg["scores"], reg["class_ids"],
-                      reg["class_names"], reg["detector"], reg["dropped"])
-    return ImageResult(s["image_id"], s["uri"], s["status"], s["error"], s["width"], s["height"], regions,
-                       timings=s["timings"])
-
-
-def decode_task(batch: dict, max_pixels: int) -> dict:
-    """Ray Data task: source items -> decoded images (or error results)."""
-    items = [SourceItem(str(i), str(u)) for i, u in zip(batch["image_id"], batch["uri"])]
-    return _pack(decode_stage(items, max_pixels))
-
-
-class DetectActor:
-    """Ray Data actor: holds the detector."""
-
-    def __init__(self, cfg: dict, given: str | None):
-        self.cfg = _config_from_dict(cfg)
-        self.detector = load_detector(self.cfg, given)
-        self.acfg = self.cfg.annotate_config()
-
-    def __call__(self, batch: dict) -> dict:
-        pairs = _unpack(batch)
-        detect_stage(pairs, self.detector, self.acfg)
-        return _pack(pairs)
-
-
-class DescribeActor:
-    """Ray Data actor: holds the region engine; emits finished rows (JSON, one per image)."""
-
-    def __init__(self, cfg: dict, prov: dict):
-        self.cfg = _config_from_dict(cfg)
-        self.engine = load_engine(self.cfg)
-        self.acfg = self.cfg.annotate_config()
-        self.prov = Provenance(**prov)
-        import ray
-
-        self.node = ray.get_runtime_context().get_node_id()
-
-    def __call__(self, batch: dict) -> dict:
-        pairs = _unpack(batch)
-        describe_stage(pairs, self.engine, self.acfg)
-        return {"row": [json.dumps(result_to_row(r, self.prov, self.node)) for r, _ in pairs]}
-
-
-def _config_from_dict(d: dict) -> CaptionConfig:
-    from pipeline.compose import Templates
-
-    d = dict(d)
-    compose = dict(d.pop("compose"))
-    compose["templates"] = Templates(**compose.pop("templates"))
-    compose = {k: tuple(v) if isinstance(v, list) else v for k, v in compose.items()}
-    post = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("postprocess").items()}
-    return CaptionConfig(**d, compose=ComposeConfig(**compose), postprocess=PostProcess(**post))
 
 
 class ResourceError(ValueError):
     """The requested actor pools cannot fit on the cluster (the job would wait forever)."""
 
 
-def check_resources(cfg: CaptionConfig, resources: dict) -> None:
-    need = cfg.detect_actors * cfg.detect_cpus + cfg.describe_actors * cfg.describe_cpus + cfg.decode_cpus
+def job_for_source(cfg: JobConfig, source: Source) -> JobConfig:
+    """The config the job really runs: a source that brings its own boxes (COCO, a Label Studio
+    pull) replaces the detector."""
+    if source.given_spec:
+        return replace(cfg, detector=replace(cfg.detector, spec=source.given_spec))
+    return cfg
+
+
+def provenance(cfg: JobConfig) -> Provenance:
+    return Provenance(detector=cfg.detector.provenance(), model=cfg.model.provenance(),
+                      templates_version=cfg.compose.templates.version)
+
+
+def _sources(batch: pa.Table) -> list[ImageSource]:
+    return [ImageSource(u, image_id=i) for i, u in zip(batch.column("image_id").to_pylist(),
+                                                        batch.column("uri").to_pylist())]
+
+
+# Runners ---------------------------------------------------------------------------------------------
+
+def choose_runner(runner: RunnerConfig, images: int) -> tuple[str, str]:
+    """(``local`` | ``ray``, why) for a job of ``images`` images."""
+    if runner.mode != "auto":
+        return runner.mode, f"runner {runner.mode}"
+    if runner.address or os.environ.get("RAY_ADDRESS"):
+        return "ray", "runner auto: a Ray cluster address is set"
+    if images > runner.local_max_images:
+        return "ray", f"runner auto: {images} images > local_max_images {runner.local_max_images}"
+    return "local", f"runner auto: {images} images <= local_max_images {runner.local_max_images}, in process"
+
+
+def rows_local(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
+    detector, engine, prov = cfg.detector.build(), cfg.model.engine(cfg.engine), provenance(cfg)
+    for start in range(0, len(items), cfg.batch_size):
+        sources = [ImageSource(i.uri, image_id=i.image_id) for i in items[start:start + cfg.batch_size]]
+        results = describe_stage(detect_stage(decode_stage(sources, cfg), detector, cfg), engine, cfg)
+        yield to_table(results, prov)
+
+
+class DetectActor:
+    """Ray Data actor (``runner.detect_actors > 0``): decodes and detects; the pixels travel on."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg, self.detector = cfg, cfg.detector.build()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = detect_stage(decode_stage(_sources(batch), self.cfg), self.detector, self.cfg)
+        return to_table(results, pixels=True)
+
+
+class DescribeActor:
+    """Ray Data actor holding the engine. Given source items it also decodes and detects (then it
+    holds the detector too); given a ``DetectActor``'s output it only describes."""
+
+    def __init__(self, cfg: JobConfig, detect_here: bool):
+        import ray
+
+        self.cfg, self.prov = cfg, provenance(cfg)
+        self.detector = cfg.detector.build() if detect_here else None
+        self.engine = cfg.model.engine(cfg.engine)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.detector is not None:
+            results = detect_stage(decode_stage(_sources(batch), self.cfg), self.detector, self.cfg)
+        else:
+            results = from_table(batch)
+        return to_table(describe_stage(results, self.engine, self.cfg), self.prov, self.node)
+
+
+def check_resources(runner: RunnerConfig, resources: dict) -> None:
+    need = runner.describe_actors * runner.describe_cpus + runner.detect_actors * runner.detect_cpus
     have = resources.get("CPU", 0)
     if need > have:
         raise ResourceError(
-            f"the actor pools need {need:g} CPUs ({cfg.detect_actors} detect x {cfg.detect_cpus:g} + "
-            f"{cfg.describe_actors} describe x {cfg.describe_cpus:g} + decode {cfg.decode_cpus:g}) but the Ray "
-            f"cluster has {have:g}; use fewer actors or a larger cluster")
-    if cfg.gpus_per_describe_actor and cfg.describe_actors * cfg.gpus_per_describe_actor > resources.get("GPU", 0):
-        raise ResourceError(f"{cfg.describe_actors} describe actors x {cfg.gpus_per_describe_actor:g} GPUs do not fit "
+            f"the actor pools need {need:g} CPUs ({runner.describe_actors} describe x {runner.describe_cpus:g}"
+            + (f" + {runner.detect_actors} detect x {runner.detect_cpus:g}" if runner.detect_actors else "")
+            + f") but the Ray cluster has {have:g}; use fewer actors or a larger cluster")
+    gpus = runner.gpus_per_describe_actor or 0
+    if gpus and runner.describe_actors * gpus > resources.get("GPU", 0):
+        raise ResourceError(f"{runner.describe_actors} describe actors x {gpus:g} GPUs do not fit "
                             f"the cluster's {resources.get('GPU', 0):g} GPUs")
 
 
-def rows_on_ray(items: list[SourceItem], cfg: CaptionConfig, prov: Provenance, given: str | None) -> Iterator[list[dict]]:
+def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy
 
     from .ray_cluster import connect
 
-    connect(cfg.address)
-    check_resources(cfg, ray.cluster_resources())
-    gpus = cfg.gpus_per_describe_actor or (1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
-    cfg_dict = asdict(cfg)
+    runner = cfg.runner
+    connect(runner.address)
+    resources = ray.cluster_resources()
+    check_resources(runner, resources)
+    gpus = runner.gpus_per_describe_actor
+    if gpus is None:  # one GPU per describe actor when the cluster has GPUs
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     ds = ray.data.from_items([{"image_id": i.image_id, "uri": i.uri} for i in items],
                              override_num_blocks=max(1, len(items) // cfg.batch_size))
-    ds = ds.map_batches(decode_task, fn_kwargs={"max_pixels": cfg.max_pixels}, batch_size=cfg.batch_size,
-                        num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(DetectActor, fn_constructor_args=(cfg_dict, given),
-                        batch_size=cfg.batch_size, num_cpus=cfg.detect_cpus,
-                        compute=ActorPoolStrategy(size=cfg.detect_actors))
-    ds = ds.map_batches(DescribeActor, fn_constructor_args=(cfg_dict, asdict(prov)), batch_size=cfg.batch_size,
-                        num_cpus=cfg.describe_cpus, num_gpus=gpus, compute=ActorPoolStrategy(size=cfg.describe_actors))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield [json.loads(r) for r in batch["row"]]
+    common = dict(batch_size=cfg.batch_size, batch_format="pyarrow")
+    if runner.detect_actors:
+        ds = ds.map_batches(DetectActor, fn_constructor_args=(cfg,), num_cpus=runner.detect_cpus,
+                            compute=ActorPoolStrategy(size=runner.detect_actors), **common)
+    ds = ds.map_batches(DescribeActor, fn_constructor_args=(cfg, not runner.detect_actors),
+                        num_cpus=runner.describe_cpus, num_gpus=gpus,
+                        compute=ActorPoolStrategy(size=runner.describe_actors), **common)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+RUNNER_ROWS = {"local": rows_local, "ray": rows_on_ray}
 
 
 # The job ---------------------------------------------------------------------------------------------
@@ -303,6 +167,8 @@ class JobSummary:
     counts: dict[str, int]
     regions: int
     seconds: float
+    runner: str = "local"
+    runner_reason: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -323,34 +189,40 @@ def plan(items: list[SourceItem], out: Path, resume: bool, retry_failed: bool) -
     return [it for it in items if it.image_id not in done or it.image_id in retry], retry
 
 
-def run_caption(cfg: CaptionConfig, source: Source, resume: bool = False, retry_failed: bool = False,
+def run_caption(cfg: JobConfig, source: Source, resume: bool = False, retry_failed: bool = False,
                 progress: bool = True) -> JobSummary:
+    if not cfg.out:
+        raise ValueError("a caption job needs an output folder (out)")
+    cfg = job_for_source(cfg, source)
     out = Path(cfg.out)
     todo, replacing = plan(source.items, out, resume, retry_failed)
-    prov = provenance(cfg, source)
-    given = source.given_spec
-    rows = rows_on_ray if cfg.use_ray else rows_inprocess
+    runner, reason = choose_runner(cfg.runner, len(todo))
     counts: dict[str, int] = {}
     n_regions, t0 = 0, time.perf_counter()
     bar = _bar(progress, len(todo))
     with ParquetSink(out, cfg.rows_per_part) as sink:
-        for batch in (rows(todo, cfg, prov, given) if todo else []):
-            batch = [r for r in batch]
-            sink.write(batch)
-            for r in batch:
-                counts[r["status"]] = counts.get(r["status"], 0) + 1
-                n_regions += r["num_regions"]
+        for table in (RUNNER_ROWS[runner](todo, cfg) if todo else []):
+            sink.write(table)
+            for status, n in zip(*_value_counts(table.column("status"))):
+                counts[status] = counts.get(status, 0) + n
+            n_regions += pc.sum(table.column("num_regions")).as_py() or 0
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(table.num_rows)
                 bar.set_postfix(regions=n_regions, errors=counts.get(ERROR, 0))
     if bar is not None:
         bar.close()
     if replacing:
         reconcile(out)  # the new rows of retried images replace their old error rows
     seconds = time.perf_counter() - t0
-    summary = JobSummary(str(out), len(source.items), len(source.items) - len(todo), len(todo), counts, n_regions, seconds)
+    summary = JobSummary(str(out), len(source.items), len(source.items) - len(todo), len(todo), counts, n_regions,
+                         seconds, runner, reason)
     write_manifest(out, cfg, summary)
     return summary
+
+
+def _value_counts(column) -> tuple[list[str], list[int]]:
+    vc = pc.value_counts(column)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
 
 
 def _bar(enabled: bool, total: int):
@@ -367,21 +239,27 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def write_manifest(out: Path, cfg: CaptionConfig, summary: JobSummary) -> None:
-    all_status = statuses(out)
-    totals: dict[str, int] = {}
-    for s in all_status.values():
-        totals[s] = totals.get(s, 0) + 1
+def package_versions() -> dict[str, str]:
     versions = {}
-    for pkg in ("roiscribe", "torch", "transformers", "ray", "ultralytics", "pyarrow"):
+    for pkg in ("roiscribe", "torch", "torchvision", "transformers", "ray", "ultralytics", "pyarrow",
+                "label-studio-sdk", "numpy", "pillow"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def write_manifest(out: Path, cfg: JobConfig, summary: JobSummary) -> None:
+    totals: dict[str, int] = {}
+    all_status = statuses(out)
+    for s in all_status.values():
+        totals[s] = totals.get(s, 0) + 1
     manifest = {
-        "schema": SCHEMA_VERSION, "config": asdict(cfg), "versions": versions, "python": platform.python_version(),
-        "rows": len(all_status), "counts": totals,
-        "last_run": {"processed": summary.processed, "skipped": summary.skipped, "counts": summary.counts,
+        "schema": SCHEMA_VERSION, "config": cfg.resolved().to_dict(), "versions": package_versions(),
+        "python": platform.python_version(), "rows": len(all_status), "counts": totals,
+        "last_run": {"runner": summary.runner, "runner_reason": summary.runner_reason,
+                     "processed": summary.processed, "skipped": summary.skipped, "counts": summary.counts,
                      "regions": summary.regions, "seconds": round(summary.seconds, 3),
                      "driver_peak_rss_mib": round(_peak_rss_mib(), 1)},
     }

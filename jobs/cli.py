@@ -47,9 +47,12 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
-def _iou_or_off(text: str) -> float | None:
+OFF = "off"
+
+
+def _iou_or_off(text: str) -> float | str:
     if text.strip().lower() in ("off", "none"):
-        return None
+        return OFF
     try:
         value = float(text)
     except ValueError:
@@ -63,12 +66,19 @@ _DUPLICATE_HELP = ("drop a box that overlaps a higher-scoring box of another cla
                    "(one region per object; 'off' keeps both; default 0.8)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
-                   help="demo (the shipped model), a preset name (random weights) or a local checkpoint directory")
+_MODEL_HELP = "demo (the shipped model, the default), random:PRESET (random weights) or a local checkpoint directory"
+_DETECTOR_HELP = "demo (the shipped detector, the default), yolo:PATH, torchvision:ARCH:PATH, given:coco:FILE, ..."
+
+
+def _add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Model flags. With ``defaults=False`` an omitted flag is None (a config file decides)."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--model", default=d("demo"), help=_MODEL_HELP)
     p.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=d("auto"), help="cpu, cuda, cuda:N or auto (the default: a GPU if visible)")
+    p.add_argument("--dtype", default=d("auto"), choices=("auto", "float32", "bfloat16", "float16"),
+                   help="model weights and compute (auto: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,29 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"roiscribe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    caption = sub.add_parser("caption", help="the main job: caption every image of a source into Parquet")
-    caption.add_argument("source", help="a folder, a glob, a .parquet/.csv manifest or a COCO .json")
-    caption.add_argument("--out", type=Path, required=True, help="output folder (Parquet parts + manifest.json)")
-    caption.add_argument("--model", default="demo", help="demo (shipped), a preset (random weights) or a checkpoint dir")
-    caption.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
-    caption.add_argument("--detector", default="demo", help="demo (shipped), yolo:PATH, torchvision:ARCH:PATH, ...")
-    caption.add_argument("--device", default="auto")
-    caption.add_argument("--batch-size", type=int, default=8, help="images per detect / describe call")
-    caption.add_argument("--max-new-tokens", type=int, default=32)
-    caption.add_argument("--score-threshold", type=float, default=0.25)
-    caption.add_argument("--max-regions", type=int, default=50)
-    caption.add_argument("--duplicate-iou", type=_iou_or_off, default=0.8, help=_DUPLICATE_HELP)
-    caption.add_argument("--captions", default="brief", help="comma list of brief, detailed")
-    caption.add_argument("--attributes", default="color,shape,material,action", help="comma list ('' for none)")
-    caption.add_argument("--max-pairs", type=int, default=8, help="relation questions per image (0: none)")
-    caption.add_argument("--rows-per-part", type=int, default=500, help="rows per Parquet part file")
+    caption = sub.add_parser("caption", help="the main job: caption every image of a source into Parquet",
+                             description="Flags override the --config file; the fully resolved config is saved "
+                                         "in OUT/manifest.json.")
+    caption.add_argument("source", nargs="?", default=None,
+                         help="a folder, a glob, a .parquet/.csv manifest or a COCO .json (or the config's source)")
+    caption.add_argument("--config", type=Path, default=None, help="a TOML or JSON job config (see README)")
+    caption.add_argument("--out", default=None, help="output folder (Parquet parts + manifest.json)")
+    _add_model_args(caption, defaults=False)
+    caption.add_argument("--detector", default=None, help=_DETECTOR_HELP)
+    caption.add_argument("--batch-size", type=int, default=None, help="images per detect / describe call (default 8)")
+    caption.add_argument("--score-threshold", type=float, default=None, help="detector score kept (default 0.25)")
+    caption.add_argument("--max-regions", type=int, default=None, help="regions per image (default 50)")
+    caption.add_argument("--duplicate-iou", type=_iou_or_off, default=None, help=_DUPLICATE_HELP)
+    caption.add_argument("--captions", default=None, help="comma list of brief, detailed (default brief)")
+    caption.add_argument("--attributes", default=None,
+                         help="comma list ('' for none; default color,shape,material,action)")
+    caption.add_argument("--max-pairs", type=int, default=None, help="relation questions per image (0: none; default 8)")
+    caption.add_argument("--rows-per-part", type=int, default=None, help="rows per Parquet part file (default 500)")
     caption.add_argument("--resume", action="store_true", help="skip images already written in --out")
     caption.add_argument("--retry-failed", action="store_true", help="reprocess images whose rows are errors")
-    caption.add_argument("--no-ray", action="store_true", help="run every stage in this process")
+    caption.add_argument("--runner", choices=("auto", "ray", "local"), default=None,
+                         help="auto (the default): in process for a small job with no cluster address, else Ray")
+    caption.add_argument("--no-ray", action="store_const", const="local", dest="runner", help="same as --runner local")
     caption.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS or a local one)")
-    caption.add_argument("--detect-actors", type=int, default=1)
-    caption.add_argument("--describe-actors", type=int, default=1)
-    caption.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per describe actor (0: 1 if the cluster has GPUs)")
+    caption.add_argument("--describe-actors", type=int, default=None, help="Ray actors holding the model (default 1)")
+    caption.add_argument("--detect-actors", type=int, default=None,
+                         help="a separate Ray pool for decoding and detection (default 0: inside the describe actors)")
+    caption.add_argument("--gpus-per-actor", type=float, default=None,
+                         help="GPUs per describe actor (default: 1 if the cluster has GPUs, else 0)")
     caption.add_argument("--from-label-studio", metavar="PROJECT", default=None,
                          help="caption a Label Studio project's tasks (SOURCE is then the server URL); "
                               "results go back to it as predictions")
@@ -119,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     backend = sub.add_parser("ml-backend", help="serve the engine as a Label Studio ML backend (draw a box, get its description)")
     backend.add_argument("--host", default="127.0.0.1")
     backend.add_argument("--port", type=int, default=9090)
-    backend.add_argument("--detector", default="demo", help="for pre-annotating whole images (no drawn box)")
+    backend.add_argument("--config", type=Path, default=None,
+                         help="a job config (TOML/JSON): model, detector, engine, compose, postprocess")
+    backend.add_argument("--detector", default=None, help="for pre-annotating whole images (no drawn box); " + _DETECTOR_HELP)
     backend.add_argument("--label-studio-url", default=None, help="the server whose uploaded images tasks point at")
     backend.add_argument("--document-root", default=None, help="the server's local-files document root")
     backend.add_argument("--model-version", default="roiscribe-interactive")
-    _add_model_args(backend)
+    _add_model_args(backend, defaults=False)
 
     show = sub.add_parser("show", help="render previews (boxes, labels, captions) and an HTML page of a caption output")
     show.add_argument("out", type=Path, help="a `roiscribe caption` output folder")
@@ -160,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a model and a detector on synthetic-world ground truth")
     evaluate.add_argument("--data", type=Path, required=True, help="a `roiscribe world` folder (ground_truth.jsonl)")
-    evaluate.add_argument("--detector", default=None, help="detector spec (default: the shipped demo detector)")
+    evaluate.add_argument("--detector", default=None,
+                          help="detector spec (default: demo, the shipped detector; none: ground-truth boxes only)")
     evaluate.add_argument("--limit", type=int, default=200, help="images to score (default 200)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the scores here")
     evaluate.add_argument("--score-threshold", type=float, default=0.25, help="detector score kept for captioning")
     evaluate.add_argument("--duplicate-iou", type=_iou_or_off, default=0.8, help=_DUPLICATE_HELP)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(evaluate)
 
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
@@ -174,85 +194,138 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+class UsageError(ValueError):
+    """Unusable arguments: the command exits 2 with the message (no traceback)."""
 
 
-def _default_detector_spec() -> str | None:
-    from jobs.caption import demo_dir
+def _model_spec(args):
+    from jobs.config import ModelSpec
 
-    path = demo_dir() / "detector.pt"
-    return f"yolo:{path}" if path.is_file() else None
-
-
-def _load(args):
-    import torch
-    from model.checkpoint import load_model
-
-    device = _device(args.device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    from jobs.caption import resolve_model_spec
-
-    return load_model(resolve_model_spec(args.model), clip=args.clip, device=device, dtype=dtype)
+    spec = ModelSpec(args.model or "demo", args.clip, args.device or "auto", args.dtype or "auto")
+    _check_model(spec.spec)
+    return spec
 
 
-def _describe(loaded, image, boxes_px, question: str, max_new_tokens: int) -> str:
+def _check_model(spec: str) -> None:
+    """Refuse a model spec that cannot load before any work starts (on Ray it would fail in actors)."""
+    from model.checkpoint import RANDOM, SHIPPED
+    from model.config import PRESETS
+
+    if spec == SHIPPED or Path(spec).is_dir():
+        return
+    if spec.startswith(RANDOM) and spec[len(RANDOM):] in PRESETS:
+        return
+    hint = f"; for random weights of that preset write {RANDOM}{spec}" if spec in PRESETS else ""
+    raise UsageError(f"model {spec!r} is not a checkpoint directory, {SHIPPED!r} or {RANDOM}PRESET "
+                     f"(valid presets: {', '.join(sorted(PRESETS))}){hint}")
+
+
+def _check_detector(spec: str) -> None:
+    from detectors import DETECTORS
+
+    kind = spec.partition(":")[0]
+    if kind not in DETECTORS:
+        raise UsageError(f"unknown detector kind {kind!r} in {spec!r}; valid kinds: {', '.join(DETECTORS)}")
+
+
+def _engine(args):
+    from model.config import EngineConfig
+
+    return EngineConfig() if args.max_new_tokens is None else EngineConfig(max_new_tokens=args.max_new_tokens)
+
+
+def _describe(loaded, image, boxes_px, question: str, engine_config) -> str:
     """One question about regions of one image; ``<regionN>`` is the N-th box."""
-    from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
+    from model.engine import ImageJob, RegionEngine, RegionPrompt
     from model.vision import normalize_boxes
 
     boxes = normalize_boxes(boxes_px, *image.size)
     job = ImageJob(image, boxes, [RegionPrompt(question, tuple(range(len(boxes))))])
-    return RegionEngine(loaded, EngineConfig(max_new_tokens=max_new_tokens)).run([job])[0][0].text
+    return RegionEngine(loaded, engine_config).run([job])[0][0].text
+
+
+def job_overrides(args) -> dict:
+    """The job-config keys the command line sets (flags left out are None and set nothing)."""
+    out: dict = {}
+
+    def put(path: str, value) -> None:
+        if value is None:
+            return
+        *parents, last = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    put("source", args.source)
+    put("out", None if args.out is None else str(args.out))
+    put("model.spec", args.model)
+    put("model.clip", args.clip)
+    put("model.device", args.device)
+    put("model.dtype", args.dtype)
+    put("detector.spec", args.detector)
+    put("detector.device", args.device)
+    put("batch_size", args.batch_size)
+    put("engine.max_new_tokens", args.max_new_tokens)
+    put("postprocess.score_threshold", args.score_threshold)
+    put("postprocess.max_regions", args.max_regions)
+    if args.duplicate_iou is not None:  # "off" sets None, which put() would skip
+        out.setdefault("postprocess", {})["duplicate_iou"] = None if args.duplicate_iou == OFF else args.duplicate_iou
+    put("compose.captions", names(args.captions))
+    put("compose.attributes", names(args.attributes))
+    put("compose.max_pairs", args.max_pairs)
+    put("compose.relations", None if args.max_pairs is None else args.max_pairs > 0)
+    put("rows_per_part", args.rows_per_part)
+    put("runner.mode", args.runner)
+    put("runner.address", args.address)
+    put("runner.describe_actors", args.describe_actors)
+    put("runner.detect_actors", args.detect_actors)
+    put("runner.gpus_per_describe_actor", args.gpus_per_actor)
+    return out
+
+
+def job_config(args):
+    """The job config of a command: the --config file (if any) with the flags applied."""
+    from jobs.config import job_from_dict, merge
+    from model.configfile import read_config
+
+    base = read_config(args.config) if getattr(args, "config", None) else {}
+    return job_from_dict(merge(base, job_overrides(args)))
 
 
 def cmd_caption(args) -> int:
-    from detectors.postprocess import PostProcess
-    from jobs.caption import CaptionConfig, ResourceError, run_caption
+    from jobs.caption import run_caption
     from jobs.sources import SourceError, open_source
-    from pipeline.compose import ComposeConfig
-    from sinks.label_studio import LabelStudioError
-
-    def names(text: str) -> tuple[str, ...]:
-        return tuple(n.strip() for n in text.split(",") if n.strip())
 
     push_url = args.to_label_studio
-    try:
-        if args.from_label_studio:
-            from jobs.label_studio import pull_source
+    cfg = job_config(args)
+    _check_model(cfg.model.spec)
+    _check_detector(cfg.detector.spec)
+    if not cfg.out:
+        raise UsageError("the output folder is missing: pass --out DIR (or set out in the config)")
+    if not cfg.source:
+        raise UsageError("the source is missing: pass SOURCE (or set source in the config)")
+    if args.from_label_studio:
+        from jobs.label_studio import pull_source
 
-            client = _client(args.source, args.retries)
-            source, pid = pull_source(client, args.from_label_studio, args.out, args.document_root, args.ls_boxes)
-            push_url, args.project = args.source, str(pid)
-        else:
-            source = open_source(args.source)
-        if push_url and not args.project:
-            raise SourceError("--to-label-studio needs --project")
-        cfg = CaptionConfig(
-            source=args.source, out=str(args.out), model=args.model, clip=args.clip, detector=args.detector,
-            device=args.device, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            compose=ComposeConfig(captions=names(args.captions), attributes=names(args.attributes),
-                                  relations=args.max_pairs > 0, max_pairs=args.max_pairs),
-            postprocess=PostProcess(score_threshold=args.score_threshold, max_regions=args.max_regions,
-                                    duplicate_iou=args.duplicate_iou),
-            use_ray=not args.no_ray, address=args.address, detect_actors=args.detect_actors,
-            describe_actors=args.describe_actors, gpus_per_describe_actor=args.gpus_per_actor,
-            rows_per_part=args.rows_per_part,
-        )
-        summary = run_caption(cfg, source, resume=args.resume, retry_failed=args.retry_failed)
-    except (SourceError, FileExistsError, ResourceError, LabelStudioError) as e:
-        print(f"roiscribe caption: {e}", file=sys.stderr)
-        return 2
+        client = _client(cfg.source, args.retries)
+        source, pid = pull_source(client, args.from_label_studio, cfg.out, args.document_root, args.ls_boxes)
+        push_url, args.project = cfg.source, str(pid)
+    else:
+        source = open_source(cfg.source)
+    if push_url and not args.project:
+        raise SourceError("--to-label-studio needs --project")
+    summary = run_caption(cfg, source, resume=args.resume, retry_failed=args.retry_failed)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing new"
     print(f"{summary.processed} images processed ({counts}), {summary.skipped} already done; "
-          f"{summary.regions} regions; {summary.images_per_s:.2f} images/s; output: {summary.out}")
+          f"{summary.regions} regions; {summary.images_per_s:.2f} images/s; {summary.runner_reason}; "
+          f"output: {summary.out}")
     if push_url:
         args.url = push_url
-        return _push(args, args.out)
+        return _push(args, Path(cfg.out))
     return 0
 
 
@@ -294,13 +367,23 @@ def cmd_ml_backend(args) -> int:
     import time
 
     from jobs.ml_backend import BackendConfig, Predictor, serve
+    from jobs.config import job_from_dict, merge
+    from model.configfile import read_config
 
+    base = read_config(args.config) if args.config else {}
+    flags = {"model": {k: v for k, v in (("spec", args.model), ("clip", args.clip), ("device", args.device),
+                                          ("dtype", args.dtype)) if v is not None},
+             "detector": {k: v for k, v in (("spec", args.detector), ("device", args.device)) if v is not None}}
+    if args.max_new_tokens is not None:
+        flags["engine"] = {"max_new_tokens": args.max_new_tokens}
+    job = job_from_dict(merge(base, flags))
+    _check_model(job.model.spec)
+    _check_detector(job.detector.spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = BackendConfig(model=args.model, detector=args.detector, device=args.device,
-                        label_studio_url=args.label_studio_url, document_root=args.document_root,
-                        model_version=args.model_version, max_new_tokens=args.max_new_tokens)
-    server = serve(Predictor(cfg), args.host, args.port)
-    print(f"roiscribe ML backend on http://{args.host}:{server.server_port} (model {args.model}); "
+    backend = BackendConfig(label_studio_url=args.label_studio_url, document_root=args.document_root,
+                            model_version=args.model_version)
+    server = serve(Predictor(job, backend), args.host, args.port)
+    print(f"roiscribe ML backend on http://{args.host}:{server.server_port} (model {job.model.spec}); "
           "connect it in Label Studio: project Settings -> Model", flush=True)
     try:
         while True:
@@ -324,11 +407,11 @@ def cmd_demo(args) -> int:
     path = resources.files("jobs") / "assets" / "shapes.png"
     with resources.as_file(path) as p:
         image = Image.open(p).convert("RGB")
-    loaded = _load(args)
+    loaded = _model_spec(args).load()
     print(f"model: {args.model} ({loaded.config.name}); image: {path.name} {image.size[0]}x{image.size[1]}")
-    if args.model not in ("demo",) and not Path(str(args.model)).exists():
-        print("note: a preset name means random weights, so the answers are noise")
-    from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
+    if str(args.model).startswith("random:"):
+        print("note: random weights, so the answers are noise")
+    from model.engine import ImageJob, RegionEngine, RegionPrompt
     from model.vision import normalize_boxes
 
     names = list(SAMPLE_BOXES)
@@ -336,7 +419,7 @@ def cmd_demo(args) -> int:
     prompts = [RegionPrompt("What can you tell me about the region indicated by <region1> in the image?", (i,))
                for i in range(len(boxes))]
     job = ImageJob(image, normalize_boxes(boxes, *image.size), prompts)
-    answers = RegionEngine(loaded, EngineConfig(max_new_tokens=args.max_new_tokens)).run([job])[0]
+    answers = RegionEngine(loaded, _engine(args)).run([job])[0]
     for i, (name, gen) in enumerate(zip(names, answers), 1):
         print(f"region{i} {boxes[i - 1]} (drawn: {name}): {gen.text!r}")
     return 0
@@ -355,8 +438,8 @@ def cmd_describe(args) -> int:
         if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
             print(f"roiscribe describe: box {box} lies outside the {w}x{h} image", file=sys.stderr)
             return 2
-    loaded = _load(args)
-    print(_describe(loaded, image, args.box, args.question, args.max_new_tokens))
+    loaded = _model_spec(args).load()
+    print(_describe(loaded, image, args.box, args.question, _engine(args)))
     return 0
 
 
@@ -412,52 +495,24 @@ def cmd_world(args) -> int:
     return 0
 
 
-def _raw_detections(detector, uris):
-    """Detections for mAP, scored as detectors are: clipped and class-aware NMS, kept down to a very
-    low score, no cross-class duplicate suppression (that is the job's choice, not the detector's)."""
-    from detectors.postprocess import PostProcess, postprocess
-    from pipeline import ImageSource, decode_image
-
-    keep_all = PostProcess(score_threshold=0.001, max_regions=100, duplicate_iou=None)
-    out = []
-    for start in range(0, len(uris), 16):
-        images = [decode_image(ImageSource(u)) for u in uris[start:start + 16]]
-        out += [postprocess(r, im.width, im.height, keep_all) for im, r in zip(images, detector.detect(images))]
-    return out
-
-
 def cmd_evaluate(args) -> int:
     import json
 
-    from detectors import GivenBoxes, build_detector
-    from model.engine import EngineConfig
-    from pipeline import AnnotateConfig, annotate
-    from synth.evaluate import answer_scores, detection_scores, read_ground_truth
+    from jobs.config import DetectorSpec
+    from pipeline.postprocess import PostProcess
+    from pipeline.stages import PipelineConfig
+    from synth.evaluate import evaluate_world, read_ground_truth
 
     truths = read_ground_truth(args.data, args.limit)
-    loaded = _load(args)
-    from detectors.postprocess import PostProcess
-
-    config = AnnotateConfig(engine=EngineConfig(max_new_tokens=args.max_new_tokens),
+    spec = _model_spec(args)
+    config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size,
                             postprocess=PostProcess(score_threshold=args.score_threshold,
-                                                    duplicate_iou=args.duplicate_iou))
-    uris = [t.image for t in truths]
-    scores = {"images": len(truths)}
-    given = GivenBoxes({t.image: t.regions for t in truths})
-    scores["ground_truth_boxes"] = answer_scores(annotate(uris, given, loaded, config), truths)
-    detector_spec = args.detector or _default_detector_spec()
-    if detector_spec:
-        detector = build_detector(detector_spec, device=_device(args.device))
-        from detectors.postprocess import postprocess
-
-        raw = _raw_detections(detector, uris)
-        scores["detector"] = detection_scores(raw, truths, args.score_threshold)
-        # precision and recall of the boxes the job keeps (duplicates of one object removed)
-        kept = [postprocess(r, t.width, t.height, config.postprocess) for r, t in zip(raw, truths)]
-        job = detection_scores(kept, truths, args.score_threshold)
-        scores["detector"] |= {"precision": job["precision"], "recall": job["recall"],
-                               "precision_before_duplicates": scores["detector"]["precision"]}
-        scores["detector_boxes"] = answer_scores(annotate(uris, detector, loaded, config), truths)
+                                                    duplicate_iou=None if args.duplicate_iou == OFF else args.duplicate_iou))
+    detector = None
+    if args.detector != "none":
+        _check_detector(args.detector or "demo")
+        detector = DetectorSpec(args.detector or "demo", spec.device).build()
+    scores = evaluate_world(truths, spec.load(), config, detector)
     print(json.dumps(scores, indent=2))
     if args.json:
         args.json.write_text(json.dumps(scores, indent=2))
@@ -470,6 +525,12 @@ COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluat
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the command ran and something failed (a push with rejected rows, or an
+    unexpected error, shown with its traceback); 2 unusable arguments or config (a message only)."""
+    from jobs.caption import ResourceError
+    from jobs.sources import SourceError
+    from model.configfile import ConfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -477,9 +538,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (UsageError, ConfigError, SourceError, ResourceError, FileExistsError) as e:
         print(f"roiscribe {args.command}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- a bug or an environment failure: the traceback, then one line
+        import traceback
+
+        traceback.print_exc()
+        print(f"roiscribe {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

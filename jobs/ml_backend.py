@@ -33,41 +33,38 @@ log = logging.getLogger("roiscribe.ml_backend")
 
 @dataclass
 class BackendConfig:
-    model: str = "demo"
-    detector: str = "demo"
-    device: str = "auto"
+    """What the backend serves besides the job config: where images are read, the version it reports."""
+
     label_studio_url: str | None = None  # where uploaded images are read from
     document_root: str | None = None  # where local-files images are read from
     model_version: str = "roiscribe-interactive"
-    max_new_tokens: int = 32
 
 
 class Predictor:
-    """The engine behind the backend: drawn boxes (or the detector's) -> Label Studio results."""
+    """The engine behind the backend: drawn boxes (or the detector's) -> Label Studio results.
 
-    def __init__(self, cfg: BackendConfig, token: str | None = None):
-        from jobs.caption import CaptionConfig, load_engine
-        from pipeline.compose import ComposeConfig
+    Takes the same :class:`~jobs.config.JobConfig` as a caption job (model, detector, engine,
+    compose, post-processing; relations are not asked: one box at a time); images go through the
+    same pipeline stages."""
 
-        self.cfg = cfg
-        caption_cfg = CaptionConfig(source="", out="", model=cfg.model, detector=cfg.detector, device=cfg.device,
-                                    max_new_tokens=cfg.max_new_tokens, compose=ComposeConfig(relations=False))
-        self.annotate_cfg = caption_cfg.annotate_config()
-        self.engine = load_engine(caption_cfg)
-        self._detector_cfg = caption_cfg
+    def __init__(self, job=None, backend: BackendConfig = BackendConfig(), token: str | None = None):
+        from jobs.config import JobConfig
+
+        job = job or JobConfig()
+        self.job = dataclasses.replace(job, compose=dataclasses.replace(job.compose, relations=False))
+        self.cfg = backend
+        self.engine = self.job.model.engine(self.job.engine)
         self._detector = None
         self._client = None
-        if cfg.label_studio_url:
+        if backend.label_studio_url:
             from sinks.label_studio import LabelStudio, api_token
 
-            self._client = LabelStudio(cfg.label_studio_url, token if token is not None else api_token())
+            self._client = LabelStudio(backend.label_studio_url, token if token is not None else api_token())
         self._lock = threading.Lock()  # one engine call at a time
 
     def detector(self):
         if self._detector is None:
-            from jobs.caption import load_detector
-
-            self._detector = load_detector(self._detector_cfg, None)
+            self._detector = self.job.detector.build()
         return self._detector
 
     def image_bytes(self, url: str) -> bytes:
@@ -99,27 +96,28 @@ class Predictor:
         return out
 
     def _predict_task(self, task: dict, spec, drawn: list[dict]) -> dict:
+        from detectors.given import GivenBoxes
+        from pipeline.arrow import result_to_row
         from pipeline.decode import ImageSource
-        from pipeline.flow import annotate
         from pipeline.records import Regions
-        from sinks.label_studio import IMAGE_FIELD, ConfigSpec, row_to_result
-        from sinks.parquet import Provenance, result_to_row
+        from pipeline.stages import run_stages
+        from sinks.label_studio import IMAGE_FIELD, ConfigSpec, percent_box_to_pixels, row_to_result
 
         image = self.image_bytes(str(task["data"][IMAGE_FIELD]))
         source = ImageSource(str(task["data"][IMAGE_FIELD]), image, str(task.get("id")))
         if drawn:
-            boxes = [_pixels(r) for r in drawn]
+            boxes = [percent_box_to_pixels(r) for r in drawn]
             regions = Regions.from_boxes(boxes, [(r["value"].get("rectanglelabels") or [""])[0] for r in drawn])
-            detector = _Fixed(regions)
+            detector = GivenBoxes({source.image_id: regions})
         else:
             detector = self.detector()
         # drawn boxes are kept as drawn: no score threshold, no NMS
-        cfg = dataclasses.replace(self.annotate_cfg, postprocess=None) if drawn else self.annotate_cfg
+        cfg = dataclasses.replace(self.job, postprocess=None) if drawn else self.job
         with self._lock:
-            result = annotate([source], detector, self.engine, cfg)[0]
+            result = run_stages([source], detector, self.engine, cfg)[0]
         if result.status != "ok":
             raise ValueError(result.error)
-        row = result_to_row(result, Provenance("", "", ""))
+        row = result_to_row(result)
         labels = [r["label"] for r in row["regions"]]
         spec = spec or ConfigSpec()
         spec = ConfigSpec(list(dict.fromkeys([*spec.classes, *labels])), spec.attributes,
@@ -129,22 +127,6 @@ class Predictor:
             ids = {f"r{k}": r.get("id") for k, r in enumerate(drawn)}
             items = [{**i, "id": ids[i["id"]]} for i in items if i["type"] != "rectanglelabels"]
         return {"result": items, "score": score, "model_version": self.cfg.model_version}
-
-
-class _Fixed:
-    """A detector that returns the given regions (the boxes an annotator drew)."""
-
-    def __init__(self, regions):
-        self.regions = regions
-
-    def detect(self, images):
-        return [self.regions for _ in images]
-
-
-def _pixels(result: dict) -> list[float]:
-    from detectors.given import _percent_box_to_pixels
-
-    return _percent_box_to_pixels(result, None)
 
 
 def make_handler(predictor: Predictor):

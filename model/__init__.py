@@ -1,10 +1,22 @@
-"""The GPT4RoI model core. Imports only torch, torchvision, transformers, safetensors, numpy."""
+"""The GPT4RoI model core. Imports only torch, torchvision, transformers, safetensors, numpy.
 
-from .config import GPT4RoIConfig, LLMConfig, RegionConfig, TokenConfig, VisionConfig, get_preset, PRESETS
-from .gpt4roi import GPT4RoI, ImageFeatures
-from .prompt import build_prompt, cut_answer, expand_region_tags, region_ref
+Names are loaded on first use, so that ``model.device`` or ``model.configfile`` can be imported
+without pulling in transformers.
+"""
 
-__all__ = [
-    "GPT4RoI", "GPT4RoIConfig", "ImageFeatures", "LLMConfig", "PRESETS", "RegionConfig", "TokenConfig",
-    "VisionConfig", "build_prompt", "cut_answer", "expand_region_tags", "get_preset", "region_ref",
-]
+from importlib import import_module
+
+_LAZY = {
+    "GPT4RoIConfig": ".config", "LLMConfig": ".config", "RegionConfig": ".config", "TokenConfig": ".config",
+    "VisionConfig": ".config", "get_preset": ".config", "PRESETS": ".config",
+    "GPT4RoI": ".gpt4roi", "ImageFeatures": ".gpt4roi",
+    "build_prompt": ".prompt", "cut_answer": ".prompt", "expand_region_tags": ".prompt", "region_ref": ".prompt",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

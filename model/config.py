@@ -288,3 +288,28 @@ def get_preset(name: str) -> GPT4RoIConfig:
         return PRESETS[name]()
     except KeyError:
         raise KeyError(f"unknown GPT4RoI preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}") from None
+
+
+# The engine ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How ``model.engine.RegionEngine`` answers a batch (lengths, memory bounds, sampling)."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # stops are ignored before this many tokens (fixed-length benchmarks)
+    max_images: int = 16  # images encoded per vision pass
+    max_prompts: int = 256  # prompt rows decoded together
+    kv_cache_gib: float = 8.0  # KV cache of one decode batch: rows x (prompt + answer) tokens fit in this
+    share_prefix: bool = True
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: sample from the whole distribution
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_images", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_gib <= 0 or self.temperature <= 0:
+            raise ValueError("EngineConfig.kv_cache_gib and temperature must be > 0")

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .checkpoint import Loaded
+from .config import EngineConfig
 from .generate import Generation, lm_forward
 from .gpt4roi import ImageFeatures
 from .prompt import STOP, build_prompt, cut_answer, region_order
@@ -48,20 +49,6 @@ class ImageJob:
     image: ImageLike
     boxes: torch.Tensor | Sequence[Sequence[float]]
     prompts: list[RegionPrompt] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0  # stops are ignored before this many tokens (fixed-length benchmarks)
-    max_images: int = 16  # images encoded per vision pass
-    max_prompts: int = 256  # prompt rows decoded together
-    kv_cache_gib: float = 8.0  # KV cache of one decode batch: rows x (prompt + answer) tokens fit in this
-    share_prefix: bool = True
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: sample from the whole distribution
-    seed: int = 0
 
 
 @dataclass

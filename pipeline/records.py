@@ -1,4 +1,8 @@
-"""The records that travel from the detector to every sink.
+"""The records that travel from the decoder through the detector and the model to every sink.
+
+``DecodedImage`` (pixels), ``Regions`` (the boxes of one image) and ``ImageResult`` (one input
+image's record: status, regions, answers, relations, timings) are the only currency between
+stages; ``pipeline.arrow`` converts them to and from Arrow rows (Parquet, Ray batches).
 
 Coordinates, stated once for all of roiscribe: boxes are ``xyxy`` in absolute pixels of the
 original image *after* EXIF orientation has been applied (the image a person sees), as float32.
@@ -91,3 +95,56 @@ class Regions:
 
     def areas(self) -> np.ndarray:
         return (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+
+
+OK, ERROR = "ok", "error"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A parsed answer with its confidence (mean and min token log-prob of the generation)."""
+
+    value: str | None
+    raw: str
+    status: str
+    mean_logprob: float
+    min_logprob: float
+
+
+@dataclass(frozen=True)
+class RelationAnswer:
+    subject: int
+    predicate: str | None
+    object: int
+    raw: str
+    status: str
+    mean_logprob: float
+    min_logprob: float
+
+
+@dataclass
+class ImageResult:
+    """One input image's record. ``status`` is ``ok`` or ``error`` (``error`` says why); every
+    input image yields exactly one. ``image`` holds the decoded pixels while the record is between
+    stages and is dropped once the image has been described."""
+
+    image_id: str
+    uri: str
+    status: str
+    error: str = ""
+    width: int = 0
+    height: int = 0
+    regions: Regions = field(default_factory=Regions.empty)
+    answers: list[dict[str, Answer]] = field(default_factory=list)  # per region: field -> answer
+    relations: list[RelationAnswer] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (batch stages amortised)
+    image: DecodedImage | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def fail(self, stage: str, reason: str) -> None:
+        """Mark the record an error of ``stage``; its pixels and partial results are dropped."""
+        self.status, self.error, self.image = ERROR, f"{stage}: {reason}", None
+        self.regions, self.answers, self.relations = Regions.empty(), [], []

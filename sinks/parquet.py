@@ -5,10 +5,7 @@ Layout of an output folder::
     OUT/data/part-000001-1a2b3c4d.parquet   rows, written whole or not at all (tmp + rename)
     OUT/manifest.json                       schema version, config, versions, counts
 
-Schema ``roiscribe/1`` (plain Arrow types: lists of structs, no extension types, so pandas,
-DuckDB, Polars and HF datasets read it without custom code). Boxes are ``[x1, y1, x2, y2]`` in
-pixels of the original (EXIF-rotated) image, and normalised by width and height.
-Log-probs are the mean and min token log-prob of the answer (higher is more confident).
+The schema and the record <-> row conversion live beside the records, in ``pipeline.arrow``.
 """
 
 from __future__ import annotations
@@ -16,92 +13,15 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "roiscribe/1"
+from pipeline.arrow import SCHEMA, SCHEMA_VERSION
 
-ANSWER = pa.struct([
-    ("name", pa.string()), ("value", pa.string()), ("raw", pa.string()), ("status", pa.string()),
-    ("mean_logprob", pa.float32()), ("min_logprob", pa.float32()),
-])
-REGION = pa.struct([
-    ("region_id", pa.int32()),
-    ("box", pa.list_(pa.float32())),
-    ("box_norm", pa.list_(pa.float32())),
-    ("label", pa.string()),
-    ("class_id", pa.int64()),
-    ("score", pa.float32()),
-    ("caption", pa.string()),
-    ("caption_mean_logprob", pa.float32()),
-    ("caption_min_logprob", pa.float32()),
-    ("answers", pa.list_(ANSWER)),  # every answer of the region: caption, colour, shape...
-])
-RELATION = pa.struct([
-    ("subject", pa.int32()), ("predicate", pa.string()), ("object", pa.int32()), ("raw", pa.string()),
-    ("status", pa.string()), ("mean_logprob", pa.float32()), ("min_logprob", pa.float32()),
-])
-SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("uri", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("status", pa.string()),  # ok | error
-    ("error", pa.string()),
-    ("num_regions", pa.int32()),
-    ("regions", pa.list_(REGION)),
-    ("relations", pa.list_(RELATION)),
-    ("detector", pa.string()),
-    ("model", pa.string()),
-    ("templates_version", pa.string()),
-    ("timings", pa.struct([("decode_s", pa.float64()), ("detect_s", pa.float64()), ("describe_s", pa.float64())])),
-    ("dropped", pa.string()),  # JSON: boxes removed by post-processing, by reason
-    ("processed_by", pa.string()),  # "in-process" or the Ray node id that described the image
-], metadata={"roiscribe.schema": SCHEMA_VERSION})
-
-
-@dataclass(frozen=True)
-class Provenance:
-    detector: str
-    model: str
-    templates_version: str
-
-
-def result_to_row(result, provenance: Provenance, processed_by: str = "in-process") -> dict:
-    """A ``pipeline.ImageResult`` as a row of :data:`SCHEMA` (pure)."""
-    regions = []
-    r = result.regions
-    for i in range(len(r) if result.status == "ok" else 0):
-        answers = result.answers[i] if i < len(result.answers) else {}
-        caption = answers.get("caption")
-        x1, y1, x2, y2 = (float(v) for v in r.boxes[i])
-        w, h = max(result.width, 1), max(result.height, 1)
-        regions.append({
-            "region_id": i, "box": [x1, y1, x2, y2], "box_norm": [x1 / w, y1 / h, x2 / w, y2 / h],
-            "label": r.class_names[i], "class_id": int(r.class_ids[i]), "score": float(r.scores[i]),
-            "caption": caption.value if caption else None,
-            "caption_mean_logprob": caption.mean_logprob if caption else None,
-            "caption_min_logprob": caption.min_logprob if caption else None,
-            "answers": [{"name": name, "value": a.value, "raw": a.raw, "status": a.status,
-                         "mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob} for name, a in answers.items()],
-        })
-    relations = [{"subject": rel.subject, "predicate": rel.predicate, "object": rel.object, "raw": rel.raw,
-                  "status": rel.status, "mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob}
-                 for rel in (result.relations if result.status == "ok" else [])]
-    t = result.timings
-    return {
-        "image_id": result.image_id, "uri": result.uri, "width": result.width, "height": result.height,
-        "status": result.status, "error": result.error, "num_regions": len(regions), "regions": regions,
-        "relations": relations, "detector": provenance.detector, "model": provenance.model,
-        "templates_version": provenance.templates_version,
-        "timings": {"decode_s": t.get("decode"), "detect_s": t.get("detect"), "describe_s": t.get("describe")},
-        "dropped": json.dumps(r.dropped if result.status == "ok" else {}),
-        "processed_by": processed_by,
-    }
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "ParquetSink", "part_files", "read_rows", "reconcile", "remove_ids", "statuses"]
 
 
 class ParquetSink:
@@ -110,34 +30,44 @@ class ParquetSink:
     def __init__(self, out: str | Path, rows_per_part: int = 1000):
         self.data = Path(out) / "data"
         self.rows_per_part = rows_per_part
-        self._pending: list[dict] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self.written = 0
 
     def __enter__(self) -> "ParquetSink":
         self.data.mkdir(parents=True, exist_ok=True)
         return self
 
-    def write(self, rows: Iterable[dict]) -> None:
-        self._pending.extend(rows)
-        while len(self._pending) >= self.rows_per_part:
-            self._flush(self._pending[: self.rows_per_part])
-            self._pending = self._pending[self.rows_per_part:]
+    def write(self, rows: pa.Table | Iterable[dict]) -> None:
+        """Rows of :data:`SCHEMA`: a table (extra columns, such as in-flight pixels, are left out) or
+        row dicts (missing columns are null)."""
+        if isinstance(rows, pa.Table):
+            rows = rows.select(SCHEMA.names).cast(SCHEMA)
+        else:
+            rows = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+        self._pending.append(rows)
+        self._pending_rows += rows.num_rows
+        while self._pending_rows >= self.rows_per_part:
+            table = pa.concat_tables(self._pending)
+            self._flush(table.slice(0, self.rows_per_part))
+            rest = table.slice(self.rows_per_part)
+            self._pending, self._pending_rows = [rest], rest.num_rows
 
     def flush(self) -> None:
-        if self._pending:
-            self._flush(self._pending)
-            self._pending = []
+        if self._pending_rows:
+            self._flush(pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
 
     def __exit__(self, *exc) -> None:
         self.flush()  # rows handed over are written even when the job stops on an error
 
-    def _flush(self, rows: list[dict]) -> None:
+    def _flush(self, rows: pa.Table) -> None:
         seq = next_part_number(self.data)
         name = f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.data / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        pq.write_table(rows, tmp)
         os.replace(tmp, self.data / name)  # atomic: a part exists whole or not at all
-        self.written += len(rows)
+        self.written += rows.num_rows
 
 
 def part_files(out: str | Path) -> list[Path]:

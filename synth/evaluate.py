@@ -160,3 +160,44 @@ def answer_scores(results, truths: list[GroundTruth]) -> dict:
                 if want is not None:
                     tally.add("relation", rel.predicate == want)
     return tally.accuracy() | {"counts": tally.total}
+
+
+def raw_detections(detector, uris: list[str], batch_size: int = 16) -> list[Regions]:
+    """Detections for mAP, scored as detectors are: clipped and class-aware NMS, kept down to a very
+    low score, no cross-class duplicate suppression (that is the job's choice, not the detector's)."""
+    from pipeline.decode import ImageSource, decode_image
+    from pipeline.postprocess import PostProcess, postprocess
+
+    keep_all = PostProcess(score_threshold=0.001, max_regions=100, duplicate_iou=None)
+    out = []
+    for start in range(0, len(uris), batch_size):
+        images = [decode_image(ImageSource(u)) for u in uris[start:start + batch_size]]
+        out += [postprocess(r, im.width, im.height, keep_all) for im, r in zip(images, detector.detect(images))]
+    return out
+
+
+def evaluate_world(truths: list[GroundTruth], loaded, config, detector=None) -> dict:
+    """Every score of ``roiscribe evaluate``: the model on ground-truth boxes; with a detector, its
+    mAP50 on its own output, the precision/recall of the boxes the job keeps (``config.postprocess``)
+    and the model on those boxes. ``config`` is a ``pipeline.stages.PipelineConfig``."""
+    from dataclasses import replace
+
+    from detectors.given import GivenBoxes
+    from pipeline.flow import annotate
+    from pipeline.postprocess import PostProcess, postprocess
+
+    uris = [t.image for t in truths]
+    post = config.postprocess or PostProcess()
+    scores: dict = {"images": len(truths)}
+    given = GivenBoxes({t.image: t.regions for t in truths})
+    scores["ground_truth_boxes"] = answer_scores(annotate(uris, given, loaded, config), truths)
+    if detector is None:
+        return scores
+    raw = raw_detections(detector, uris)
+    scores["detector"] = detection_scores(raw, truths, post.score_threshold)
+    kept = [postprocess(r, t.width, t.height, post) for r, t in zip(raw, truths)]
+    job = detection_scores(kept, truths, post.score_threshold)
+    scores["detector"] |= {"precision": job["precision"], "recall": job["recall"],
+                           "precision_before_duplicates": scores["detector"]["precision"]}
+    scores["detector_boxes"] = answer_scores(annotate(uris, detector, loaded, replace(config, postprocess=post)), truths)
+    return scores

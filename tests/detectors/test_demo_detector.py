@@ -5,8 +5,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from detectors import PostProcess, build_detector, postprocess
-from jobs.caption import demo_dir
+from detectors import build_detector
+from pipeline.postprocess import PostProcess, postprocess
+import demo
 from pipeline.records import DecodedImage
 from synth.dataset import scene_regions
 from synth.evaluate import GroundTruth, detection_scores
@@ -17,7 +18,7 @@ FRESH_SEEDS = range(8_100_000, 8_100_060)  # training used 100000-111999
 
 @pytest.fixture(scope="module")
 def detections():
-    path = demo_dir() / "detector.pt"
+    path = demo.detector_path()
     if not path.is_file():
         pytest.fail(f"the demo detector is missing at {path}")
     detector = build_detector(f"yolo:{path}")

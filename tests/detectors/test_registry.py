@@ -9,7 +9,8 @@ import torch
 import torchvision.models.detection as detection
 
 import detectors
-from detectors import DETECTORS, Detector, GivenBoxes, TorchvisionDetector, build_detector, resolve_device
+from detectors import DETECTORS, Detector, GivenBoxes, TorchvisionDetector, UltralyticsDetector, build_detector
+from model.device import resolve_device
 from pipeline.records import Regions
 
 
@@ -30,7 +31,7 @@ def test_heavy_packages_are_imported_only_inside_the_adapters():
 
 
 def test_valid_kinds_are_a_plain_dict():
-    assert set(DETECTORS) == {"yolo", "torchvision", "given"}
+    assert set(DETECTORS) == {"demo", "yolo", "torchvision", "given"}
     assert detectors.build_detector is build_detector
 
 
@@ -56,17 +57,17 @@ def test_torchvision_spec_with_a_path_holding_colons(tmp_path):
     torch.save(getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=3).state_dict(), path)
     det = build_detector(f"torchvision:{arch}:{path}", device="auto")
     assert isinstance(det, TorchvisionDetector) and isinstance(det, Detector)
-    assert det.device == resolve_device("auto") and len(det.class_names) == 3
+    assert det.device == str(resolve_device("auto")) and len(det.class_names) == 3
 
 
 def test_auto_device():
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cuda:1") == "cuda:1"
+    assert str(resolve_device("auto")) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert str(resolve_device("cuda:1")) == "cuda:1"
 
 
 @pytest.mark.parametrize("spec, error, message", [
     ("", ValueError, "non-empty string"),
-    ("detr:model.pt", ValueError, "unknown detector kind 'detr'.*valid kinds: yolo, torchvision, given"),
+    ("detr:model.pt", ValueError, "unknown detector kind 'detr'.*valid kinds: demo, yolo, torchvision, given"),
     ("yolo", ValueError, "'yolo:PATH.pt' or 'yolo:MODEL.yaml'"),
     ("yolo:", ValueError, "'yolo:PATH.pt' or 'yolo:MODEL.yaml'"),
     ("torchvision", ValueError, "expected 'torchvision:ARCH:PATH'"),
@@ -80,3 +81,12 @@ def test_auto_device():
 def test_bad_specs_say_what_was_expected(spec, error, message):
     with pytest.raises(error, match=message):
         build_detector(spec)
+
+
+def test_demo_is_the_shipped_detector():
+    import demo
+
+    det = build_detector("demo")
+    assert isinstance(det, UltralyticsDetector) and det.name == f"yolo:{demo.detector_path().name}"
+    with pytest.raises(ValueError, match="takes no arguments"):
+        build_detector("demo:x")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from detectors import PostProcess, UltralyticsDetector, build_detector, postprocess
+from detectors import UltralyticsDetector, build_detector
+from pipeline.postprocess import PostProcess, postprocess
 from detectors.ultralytics_backend import _class_names, _roiscribe_config_dir
 
 MAX_DET = 50

@@ -7,9 +7,9 @@ from PIL import Image
 
 from detectors.given import GivenBoxes
 from model.engine import EngineConfig
-from pipeline import AnnotateConfig, ComposeConfig, Regions, annotate
+from pipeline import PipelineConfig, ComposeConfig, Regions, annotate
 
-CONFIG = AnnotateConfig(engine=EngineConfig(max_new_tokens=4), batch_size=4)
+CONFIG = PipelineConfig(engine=EngineConfig(max_new_tokens=4), batch_size=4)
 FIELDS = {"caption", "color", "shape", "material", "action"}
 
 
@@ -108,7 +108,7 @@ def test_answers_match_a_direct_engine_run(tiny, mixed):
     from pipeline import compose, decode_image, ImageSource
 
     files, given = mixed
-    cfg = AnnotateConfig(engine=EngineConfig(max_new_tokens=4), compose=ComposeConfig(attributes=("color",)))
+    cfg = PipelineConfig(engine=EngineConfig(max_new_tokens=4), compose=ComposeConfig(attributes=("color",)))
     result = annotate([files["good_png"]], given, tiny, cfg)[0]
     image = decode_image(ImageSource(files["good_png"]))
     regions = given.detect([image])[0]

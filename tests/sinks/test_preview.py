@@ -1,8 +1,10 @@
 from PIL import Image
 
-from sinks.parquet import ParquetSink, Provenance, result_to_row
+from pipeline.arrow import Provenance, to_table
+from pipeline.records import ImageResult
+from sinks.parquet import ParquetSink
 from sinks.preview import render_previews
-from tests.sinks.test_parquet import ok_result
+from tests.pipeline.test_arrow import ok_result
 
 
 def test_previews_draw_regions_and_list_answers(tmp_path):
@@ -11,10 +13,8 @@ def test_previews_draw_regions_and_list_answers(tmp_path):
     result = ok_result("a")
     result.uri = str(image)
     prov = Provenance("d", "m", "v1")
-    from pipeline.flow import ImageResult
-
     with ParquetSink(tmp_path / "out") as sink:
-        sink.write([result_to_row(result, prov), result_to_row(ImageResult("b", "/nope", "error", "decode: x"), prov)])
+        sink.write(to_table([result, ImageResult("b", "/nope", "error", "decode: x")], prov))
     page = render_previews(tmp_path / "out", tmp_path / "prev")
     html = page.read_text()
     assert "a red star" in html and "color: red" in html and "left of" in html and "decode: x" in html

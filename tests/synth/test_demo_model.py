@@ -5,9 +5,9 @@ material >= 0.90, relations >= 0.85), measured here at 0.99 / 0.96 / 0.94 / 0.91
 import pytest
 
 from detectors import GivenBoxes
-from jobs.caption import demo_dir
+import demo
 from model.checkpoint import load_pretrained
-from pipeline import AnnotateConfig, annotate
+from pipeline import PipelineConfig, annotate
 from pipeline.decode import ImageSource
 from synth.dataset import ground_truth
 from synth.evaluate import GroundTruth, answer_scores
@@ -22,7 +22,7 @@ def scores():
     from PIL import Image
     import io
 
-    loaded = load_pretrained(demo_dir() / "gpt4roi")
+    loaded = load_pretrained(demo.model_dir())
     scenes = [generate_scene(s) for s in FRESH_SEEDS]
     truths, sources = [], []
     for scene in scenes:
@@ -32,7 +32,7 @@ def scores():
         Image.fromarray(scene.image).save(buf, format="PNG")
         sources.append(ImageSource(gt["image"], buf.getvalue(), gt["image"]))
     given = GivenBoxes({t.image: t.regions for t in truths})
-    results = annotate(sources, given, loaded, AnnotateConfig(postprocess=None))
+    results = annotate(sources, given, loaded, PipelineConfig(postprocess=None))
     return answer_scores(results, truths)
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from detectors.postprocess import PostProcess, postprocess
+from pipeline.postprocess import PostProcess, postprocess
 from pipeline.records import Regions
 
 W, H = 100, 80
