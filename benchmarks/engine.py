@@ -4,8 +4,8 @@ Same model, images, boxes and prompts for both; answers forced to a fixed length
 the same work. Prints images/s, regions/s, generated tokens/s, peak memory and engine/naive, and
 checks that the two paths generated the same tokens.
 
-    python benchmarks/engine.py --preset tiny --images 4 --regions 16            # CPU
-    python benchmarks/engine.py --preset gpt4roi-7b --device cuda --images 16 \\
+    python -m benchmarks.engine --preset tiny --images 4 --regions 16            # CPU
+    python -m benchmarks.engine --preset gpt4roi-7b --device cuda --images 16 \\
         --regions 20 --naive-images 1 --kv-gib 40                               # GPU, bf16
 
 Needs only torch, torchvision, transformers, numpy and pillow (runs from a source checkout).
@@ -17,19 +17,16 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.checkpoint import random_init, random_init_on_device  # noqa: E402
-from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt  # noqa: E402
-from model.generate import generate_reference  # noqa: E402
-from model.prompt import build_prompt  # noqa: E402
+from model.checkpoint import random_init, random_init_on_device
+from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
+from model.generate import generate_reference
+from model.prompt import build_prompt
 
 TEMPLATES = (  # mixed lengths, one region each; every 5th prompt asks about a pair
     "Can you give a description of the region mentioned by <region1>?",

@@ -1,7 +1,7 @@
 """The main job in process vs on Ray, and the driver's memory as the input grows.
 
-    python benchmarks/pipeline.py --images 200                 # throughput, in process vs Ray
-    python benchmarks/pipeline.py --images 200 2000 --memory   # driver peak RSS, Ray mode
+    python -m benchmarks.pipeline --images 200                 # throughput, in process vs Ray
+    python -m benchmarks.pipeline --images 200 2000 --memory   # driver peak RSS, Ray mode
 
 Images come from the synthetic world (``synth``), so the demo detector and model see what they
 were trained on. Each run is a fresh ``roiscribe caption`` process, which records its own peak RSS
@@ -17,8 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_images(folder: Path, count: int) -> Path:

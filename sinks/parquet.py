@@ -10,7 +10,6 @@ The schema and the record <-> row conversion live beside the records, in ``pipel
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path

@@ -10,14 +10,22 @@ import time
 
 import pytest
 
-from jobs.caption import CaptionConfig, check_resources, ResourceError, run_caption
+from jobs.caption import ResourceError, check_resources, choose_runner, run_caption
+from jobs.config import JobConfig, ModelSpec, RunnerConfig
 from jobs.sources import open_source
+from model.config import EngineConfig
 from pipeline.compose import ComposeConfig
 from sinks.parquet import read_rows
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-SMALL = dict(model="tiny", max_new_tokens=3, batch_size=2, compose=ComposeConfig(attributes=("color",), max_pairs=2))
+SMALL = dict(model=ModelSpec("random:tiny"), engine=EngineConfig(max_new_tokens=3), batch_size=2,
+             compose=ComposeConfig(attributes=("color",), max_pairs=2))
+
+
+def job(source, out, mode="local", **kw) -> JobConfig:
+    runner = kw.pop("runner", RunnerConfig(mode=mode))
+    return JobConfig(source=str(source), out=str(out), runner=runner, **{**SMALL, **kw})
 
 
 def rows_by_id(out) -> dict:
@@ -59,18 +67,40 @@ def ray_local():
     ray.shutdown()
 
 
-def test_ray_rows_equal_in_process_rows(ray_local, coco_world, tmp_path):
+def test_ray_rows_equal_in_process_rows_and_annotate(ray_local, coco_world, tmp_path):
+    """One pipeline under every runner: annotate(), the local runner, Ray with one actor pool and
+    Ray with a separate detect pool (pixels travelling in the batch) give the same rows."""
+    from detectors import build_detector
+    from pipeline import annotate
+    from pipeline.arrow import to_table
+
     source = open_source(str(coco_world))
-    inproc = run_caption(CaptionConfig(str(coco_world), str(tmp_path / "a"), use_ray=False, **SMALL), source, progress=False)
-    on_ray = run_caption(CaptionConfig(str(coco_world), str(tmp_path / "b"), use_ray=True, **SMALL), source, progress=False)
-    assert inproc.counts == on_ray.counts == {"ok": 6, "error": 1}
-    a, b = rows_by_id(tmp_path / "a"), rows_by_id(tmp_path / "b")
+    inproc = run_caption(job(coco_world, tmp_path / "a"), source, progress=False)
+    on_ray = run_caption(job(coco_world, tmp_path / "b", "ray"), source, progress=False)
+    two_pools = run_caption(job(coco_world, tmp_path / "c", runner=RunnerConfig(mode="ray", detect_actors=1)),
+                            source, progress=False)
+    assert inproc.counts == on_ray.counts == two_pools.counts == {"ok": 6, "error": 1}
+    assert (inproc.runner, on_ray.runner, two_pools.runner) == ("local", "ray", "ray")
+    a, b, c = rows_by_id(tmp_path / "a"), rows_by_id(tmp_path / "b"), rows_by_id(tmp_path / "c")
     same_rows(a, b)
+    same_rows(a, c)
+    assert {r["processed_by"] for r in b.values()} != {"in-process"}
+    cfg = job(coco_world, "")
+    results = annotate([it.uri for it in source.items], build_detector(source.given_spec), cfg.model.load(), cfg)
+    direct = {row["image_id"]: row for row in to_table(results).to_pylist()}
+    ids = {it.uri: it.image_id for it in source.items}  # annotate() names images by their uri
+    direct = {ids[k]: {**v, "image_id": ids[k], "detector": a[ids[k]]["detector"], "model": a[ids[k]]["model"],
+                       "templates_version": a[ids[k]]["templates_version"]} for k, v in direct.items()}
+    same_rows(a, direct)
     assert a["99"]["status"] == "error" and a["99"]["error"].startswith("decode: ")
     assert all(a[str(k)]["num_regions"] > 0 for k in range(6))
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["schema"] == "roiscribe/1" and manifest["counts"] == {"ok": 6, "error": 1}
-    assert manifest["config"]["model"] == "tiny" and "ray" in manifest["versions"]
+    config = manifest["config"]
+    assert config["model"] == {"spec": "random:tiny", "clip": None, "device": "cpu", "dtype": "float32"}
+    assert config["engine"]["max_new_tokens"] == 3 and config["engine"]["max_prompts"] == 256
+    assert config["detector"]["spec"] == f"given:coco:{coco_world}" and config["runner"]["mode"] == "ray"
+    assert manifest["last_run"]["runner"] == "ray" and "ray" in manifest["versions"]
 
 
 def test_a_killed_describe_actor_does_not_lose_or_double_images(ray_local, coco_world, tmp_path):
@@ -97,8 +127,8 @@ def test_a_killed_describe_actor_does_not_lose_or_double_images(ray_local, coco_
 
     killer = threading.Thread(target=kill_describe_actor)
     killer.start()
-    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), use_ray=True, **{**SMALL, "batch_size": 1})
-    summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
+    summary = run_caption(job(coco_world, tmp_path / "out", "ray", batch_size=1), open_source(str(coco_world)),
+                          progress=False)
     killer.join()
     assert killed, "the test never found the describe actor to kill"
     assert summary.counts == {"ok": 6, "error": 1}
@@ -106,9 +136,23 @@ def test_a_killed_describe_actor_does_not_lose_or_double_images(ray_local, coco_
 
 
 def test_resources_that_cannot_fit_are_refused():
-    cfg = CaptionConfig("x", "y", describe_actors=4)
-    with pytest.raises(ResourceError, match="need 4.75 CPUs"):
-        check_resources(cfg, {"CPU": 2.0})
+    with pytest.raises(ResourceError, match="need 4.5 CPUs"):
+        check_resources(RunnerConfig(describe_actors=4, detect_actors=1), {"CPU": 2.0})
+    with pytest.raises(ResourceError, match="2 describe actors x 1 GPUs"):
+        check_resources(RunnerConfig(describe_actors=2, gpus_per_describe_actor=1.0), {"CPU": 8.0, "GPU": 1.0})
+    check_resources(RunnerConfig(describe_actors=2), {"CPU": 2.0})
+
+
+def test_runner_auto_runs_small_jobs_in_process(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    auto = RunnerConfig(local_max_images=100)
+    assert choose_runner(auto, 100)[0] == "local" and "in process" in choose_runner(auto, 100)[1]
+    assert choose_runner(auto, 101)[0] == "ray"
+    assert choose_runner(RunnerConfig(mode="auto", address="ray://head:10001"), 1)[0] == "ray"
+    assert choose_runner(RunnerConfig(mode="ray"), 1)[0] == "ray"
+    assert choose_runner(RunnerConfig(mode="local"), 10**9)[0] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # inside `ray job submit`
+    assert choose_runner(auto, 1)[0] == "ray"
 
 
 def _cli(*args, **kw):
@@ -118,7 +162,7 @@ def _cli(*args, **kw):
 
 def test_killed_driver_then_resume_writes_every_image_once(coco_world, tmp_path):
     out = tmp_path / "out"
-    args = ["caption", str(coco_world), "--out", str(out), "--model", "tiny", "--max-new-tokens", "3",
+    args = ["caption", str(coco_world), "--out", str(out), "--model", "random:tiny", "--max-new-tokens", "3",
             "--attributes", "color", "--max-pairs", "0", "--batch-size", "1", "--rows-per-part", "1", "--no-ray"]
     proc = _cli(*args)
     data = out / "data"
@@ -148,7 +192,7 @@ def test_mixed_folder_one_row_per_file_exit_zero_and_bad_arguments(tmp_path):
     (folder / "sub").mkdir()
     Image.new("L", (20, 20)).save(folder / "sub" / "gray.png")
     out = tmp_path / "out"
-    r = _cli("caption", str(folder), "--out", str(out), "--model", "tiny", "--detector", "given", "--no-ray",
+    r = _cli("caption", str(folder), "--out", str(out), "--model", "random:tiny", "--detector", "given", "--no-ray",
              "--max-new-tokens", "2")
     stdout, stderr = r.communicate(timeout=300)
     assert r.returncode == 0, stderr
@@ -156,7 +200,7 @@ def test_mixed_folder_one_row_per_file_exit_zero_and_bad_arguments(tmp_path):
     assert {k: v["status"] for k, v in rows.items()} == {
         "good.png": "ok", "empty.jpg": "error", "notes.txt": "error", "sub/gray.png": "ok"}
     assert "2 error, 2 ok" in stdout
-    again = _cli("caption", str(folder), "--out", str(out), "--model", "tiny", "--detector", "given", "--no-ray")
+    again = _cli("caption", str(folder), "--out", str(out), "--model", "random:tiny", "--detector", "given", "--no-ray")
     assert again.wait(timeout=300) == 2 and "--resume" in again.stderr.read()
     missing = _cli("caption", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"), "--no-ray")
     assert missing.wait(timeout=300) == 2 and "does not exist" in missing.stderr.read()
@@ -168,7 +212,7 @@ def test_retry_failed_replaces_error_rows(coco_world, tmp_path):
     root = tmp_path / "world"
     shutil.copytree(coco_world.parent, root)
     source = str(root / "coco.json")
-    cfg = CaptionConfig(source, str(tmp_path / "out"), use_ray=False, **SMALL)
+    cfg = job(source, tmp_path / "out")
     run_caption(cfg, open_source(source), progress=False)
     assert rows_by_id(tmp_path / "out")["99"]["status"] == "error"
     shutil.copy(root / "imgs" / "0.png", root / "imgs" / "broken.png")  # the file is fixed

@@ -5,8 +5,10 @@ import os
 
 import pytest
 
-from jobs.caption import CaptionConfig, run_caption
+from jobs.caption import run_caption
+from jobs.config import JobConfig, ModelSpec, RunnerConfig
 from jobs.sources import open_source
+from model.config import EngineConfig
 from pipeline.compose import ComposeConfig
 from sinks.parquet import read_rows
 
@@ -32,10 +34,10 @@ def test_the_job_uses_both_nodes(two_nodes, coco_world, tmp_path):
     # two describe actors of 1.5 CPUs cannot share a 2-CPU node: one must run on each
     # each image takes a while (16 tokens x 4 questions), so the actor that starts second still
     # finds work: Ray Data hands batches to whichever actor is ready first
-    cfg = CaptionConfig(str(coco_world), str(tmp_path / "out"), model="tiny", max_new_tokens=16, batch_size=1,
-                        compose=ComposeConfig(attributes=("color", "shape", "material"), max_pairs=0),
-                        describe_actors=2, describe_cpus=1.5,
-                        detect_cpus=0.25, use_ray=True)
+    cfg = JobConfig(source=str(coco_world), out=str(tmp_path / "out"), model=ModelSpec("random:tiny"),
+                    engine=EngineConfig(max_new_tokens=16), batch_size=1,
+                    compose=ComposeConfig(attributes=("color", "shape", "material"), max_pairs=0),
+                    runner=RunnerConfig(mode="ray", describe_actors=2, describe_cpus=1.5))
     summary = run_caption(cfg, open_source(str(coco_world)), progress=False)
     assert summary.counts == {"ok": 6, "error": 1}
     rows = read_rows(tmp_path / "out").to_pylist()

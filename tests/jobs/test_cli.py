@@ -44,7 +44,67 @@ def test_describe_answers_and_refuses_bad_input(tmp_path):
     r = run("describe", str(text), "--box", "1,1,2,2", "What is <region1>?")
     assert r.returncode == 2 and "cannot read image" in r.stderr
     r = run("describe", str(image), "--box", "5,5,30,30", "--model", "nonesuch", "What is <region1>?")
-    assert r.returncode == 2 and "valid presets" in r.stderr
+    assert r.returncode == 2 and "valid presets" in r.stderr and "Traceback" not in r.stderr
+    r = run("describe", str(image), "--box", "5,5,30,30", "--model", "tiny", "What is <region1>?")
+    assert r.returncode == 2 and "write random:tiny" in r.stderr
+
+
+def test_an_unexpected_error_is_a_traceback_and_exit_1(tmp_path):
+    """Only bad arguments or config exit 2; a failure inside (here a corrupt checkpoint) shows its
+    traceback and a one-line summary, so a bug is never reported as a usage error."""
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
+    broken = tmp_path / "ckpt"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    r = run("describe", str(image), "--box", "5,5,30,30", "--model", str(broken), "What is <region1>?")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("roiscribe describe failed: ")
+
+
+def test_caption_reads_a_config_file_and_flags_override_it(tmp_path):
+    import json
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(folder / "a.png")
+    config = tmp_path / "job.toml"
+    config.write_text(f"""
+source = "{folder}"
+out = "{tmp_path / 'out'}"
+batch_size = 4
+[model]
+spec = "random:tiny"
+[detector]
+spec = "given"
+[engine]
+max_new_tokens = 2
+max_prompts = 32
+[compose]
+attributes = ["color"]
+max_pairs = 3
+[runner]
+mode = "local"
+""")
+    r = run("caption", "--config", str(config), "--max-pairs", "0", "--out", str(tmp_path / "flagged"))
+    assert r.returncode == 0, r.stderr
+    assert "runner local" in r.stdout
+    manifest = json.loads((tmp_path / "flagged" / "manifest.json").read_text())
+    c = manifest["config"]
+    assert (c["source"], c["batch_size"], c["compose"]["max_pairs"], c["compose"]["relations"]) == (str(folder), 4, 0, False)
+    assert c["engine"] == {**c["engine"], "max_new_tokens": 2, "max_prompts": 32}
+    assert c["model"] == {"spec": "random:tiny", "clip": None, "device": "cpu", "dtype": "float32"}
+    assert c["compose"]["attributes"] == ["color"] and c["detector"]["spec"] == "given"
+    assert {"torch", "transformers", "pyarrow"} <= set(manifest["versions"])
+    assert not (tmp_path / "out").exists()
+
+    config.write_text(config.read_text().replace("max_prompts = 32", "max_prompt = 32"))
+    r = run("caption", "--config", str(config))
+    assert r.returncode == 2 and "unknown option engine.max_prompt" in r.stderr and "max_prompts" in r.stderr
+    assert "Traceback" not in r.stderr
+    config.write_text(config.read_text().replace("max_prompt = 32", "").replace('mode = "local"', 'mode = "fast"'))
+    r = run("caption", "--config", str(config))
+    assert r.returncode == 2 and "runner mode 'fast'" in r.stderr
 
 
 def test_duplicate_iou_option(capsys):
@@ -53,10 +113,12 @@ def test_duplicate_iou_option(capsys):
     from jobs.cli import build_parser
 
     parser = build_parser()
+    from jobs.cli import job_config
+
     base = ["caption", "imgs", "--out", "o"]
-    assert parser.parse_args(base).duplicate_iou == 0.8
-    assert parser.parse_args(base + ["--duplicate-iou", "off"]).duplicate_iou is None
-    assert parser.parse_args(base + ["--duplicate-iou", "0.6"]).duplicate_iou == 0.6
+    assert job_config(parser.parse_args(base)).postprocess.duplicate_iou == 0.8
+    assert job_config(parser.parse_args(base + ["--duplicate-iou", "off"])).postprocess.duplicate_iou is None
+    assert job_config(parser.parse_args(base + ["--duplicate-iou", "0.6"])).postprocess.duplicate_iou == 0.6
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--duplicate-iou", "2"])
     assert "expected an IoU in (0, 1] or 'off'" in capsys.readouterr().err
