@@ -114,18 +114,21 @@ class DescribeActor:
         return to_table(describe_stage(results, self.engine, self.cfg), self.prov, self.node)
 
 
-def check_resources(runner: RunnerConfig, resources: dict) -> None:
-    need = runner.describe_actors * runner.describe_cpus + runner.detect_actors * runner.detect_cpus
+def check_resources(runner: RunnerConfig, resources: dict, batches: int = 1) -> tuple[int, float]:
+    """(describe actors, GPUs each) that fit the cluster; refuses pools that never could (the job
+    would wait forever)."""
+    actors, gpus = runner.actors(resources, batches)
+    need = actors * runner.describe_cpus + runner.detect_actors * runner.detect_cpus
     have = resources.get("CPU", 0)
     if need > have:
         raise ResourceError(
-            f"the actor pools need {need:g} CPUs ({runner.describe_actors} describe x {runner.describe_cpus:g}"
+            f"the actor pools need {need:g} CPUs ({actors} describe x {runner.describe_cpus:g}"
             + (f" + {runner.detect_actors} detect x {runner.detect_cpus:g}" if runner.detect_actors else "")
             + f") but the Ray cluster has {have:g}; use fewer actors or a larger cluster")
-    gpus = runner.gpus_per_describe_actor or 0
-    if gpus and runner.describe_actors * gpus > resources.get("GPU", 0):
-        raise ResourceError(f"{runner.describe_actors} describe actors x {gpus:g} GPUs do not fit "
+    if gpus and actors * gpus > resources.get("GPU", 0):
+        raise ResourceError(f"{actors} describe actors x {gpus:g} GPUs do not fit "
                             f"the cluster's {resources.get('GPU', 0):g} GPUs")
+    return actors, gpus
 
 
 def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
@@ -136,11 +139,8 @@ def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
 
     runner = cfg.runner
     connect(runner.address)
-    resources = ray.cluster_resources()
-    check_resources(runner, resources)
-    gpus = runner.gpus_per_describe_actor
-    if gpus is None:  # one GPU per describe actor when the cluster has GPUs
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    batches = -(-len(items) // cfg.batch_size)
+    actors, gpus = check_resources(runner, ray.cluster_resources(), batches)
     ds = ray.data.from_items([{"image_id": i.image_id, "uri": i.uri} for i in items],
                              override_num_blocks=max(1, len(items) // cfg.batch_size))
     common = dict(batch_size=cfg.batch_size, batch_format="pyarrow")
@@ -149,7 +149,7 @@ def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
                             compute=ActorPoolStrategy(size=runner.detect_actors), **common)
     ds = ds.map_batches(DescribeActor, fn_constructor_args=(cfg, not runner.detect_actors),
                         num_cpus=runner.describe_cpus, num_gpus=gpus,
-                        compute=ActorPoolStrategy(size=runner.describe_actors), **common)
+                        compute=ActorPoolStrategy(size=actors), **common)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

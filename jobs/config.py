@@ -108,17 +108,32 @@ class RunnerConfig:
     mode: str = "auto"  # auto: local below local_max_images images with no address, else ray
     address: str | None = None  # an existing Ray cluster (default: RAY_ADDRESS, else a local one)
     local_max_images: int = LOCAL_MAX_IMAGES
-    describe_actors: int = 1  # actors holding the model (and, with detect_actors = 0, the detector)
+    describe_actors: int = 0  # actors holding the model (and, with detect_actors = 0, the detector); 0: auto
     describe_cpus: float = 1.0
     gpus_per_describe_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     detect_actors: int = 0  # 0: decode and detect inside the describe actors (one pool); N: a pool of N
     detect_cpus: float = 0.5
 
+    def actors(self, resources: dict, batches: int) -> tuple[int, float]:
+        """(describe actors, GPUs per describe actor) for a cluster's resources and a job of
+        ``batches`` batches. Auto: one actor per GPU on a cluster with GPUs; without GPUs, one per
+        ``describe_cpus`` CPUs left after the detect pool; never more actors than batches."""
+        gpus = self.gpus_per_describe_actor
+        if gpus is None:
+            gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+        if self.describe_actors:
+            return self.describe_actors, gpus
+        if gpus:
+            n = int(resources.get("GPU", 0) // gpus)
+        else:
+            n = int((resources.get("CPU", 0) - self.detect_actors * self.detect_cpus) // self.describe_cpus)
+        return max(1, min(n, batches)), gpus
+
     def __post_init__(self) -> None:
         if self.mode not in RUNNERS:
             raise ConfigError(f"runner mode {self.mode!r}: expected one of {', '.join(RUNNERS)}")
-        if self.describe_actors < 1 or self.detect_actors < 0:
-            raise ConfigError("runner: describe_actors must be >= 1 and detect_actors >= 0")
+        if self.describe_actors < 0 or self.detect_actors < 0:
+            raise ConfigError("runner: describe_actors and detect_actors must be >= 0 (describe_actors 0: auto)")
         if self.describe_cpus <= 0 or self.detect_cpus <= 0:
             raise ConfigError("runner: describe_cpus and detect_cpus must be > 0")
 

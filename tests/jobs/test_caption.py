@@ -140,7 +140,16 @@ def test_resources_that_cannot_fit_are_refused():
         check_resources(RunnerConfig(describe_actors=4, detect_actors=1), {"CPU": 2.0})
     with pytest.raises(ResourceError, match="2 describe actors x 1 GPUs"):
         check_resources(RunnerConfig(describe_actors=2, gpus_per_describe_actor=1.0), {"CPU": 8.0, "GPU": 1.0})
-    check_resources(RunnerConfig(describe_actors=2), {"CPU": 2.0})
+    assert check_resources(RunnerConfig(describe_actors=2), {"CPU": 2.0}) == (2, 0.0)
+
+
+def test_describe_actors_auto_fill_the_cluster():
+    auto = RunnerConfig()
+    assert auto.actors({"CPU": 2.0}, batches=100) == (2, 0.0)
+    assert auto.actors({"CPU": 16.0}, batches=3) == (3, 0.0)  # never more actors than batches
+    assert auto.actors({"CPU": 16.0, "GPU": 4.0}, batches=100) == (4, 1.0)  # one per GPU
+    assert RunnerConfig(detect_actors=1, detect_cpus=1.0).actors({"CPU": 4.0}, 100) == (3, 0.0)
+    assert RunnerConfig(describe_actors=5).actors({"CPU": 1.0}, 1) == (5, 0.0)  # as asked (then refused)
 
 
 def test_runner_auto_runs_small_jobs_in_process(monkeypatch):
