@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from model.train import TrainConfig, _latest_checkpoint
+from model.loop import latest_checkpoint
+from model.train import TrainConfig
 
 
 def _worker_loop(config: dict) -> None:
@@ -36,4 +37,4 @@ def train_on_ray(cfg: TrainConfig, workers: int = 2, use_gpu: bool = False, addr
         run_config=RunConfig(name="roiscribe-train", storage_path=str(Path(cfg.out).resolve() / "ray")),
     )
     trainer.fit()
-    return _latest_checkpoint(Path(cfg.out))
+    return latest_checkpoint(cfg.out)

@@ -10,12 +10,12 @@ prompt before it ends with ``"\\n### "`` and the answer is ``"Assistant: {answer
 
 Single process by default; under ``torch.distributed`` (e.g. Ray Train's TorchTrainer) the same
 loop runs DDP (or FSDP with ``fsdp=True``), each rank reading its own shard of the data.
+Checkpoints, resuming, the LR schedule and the step count are ``model.loop``'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +25,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Loaded, init_or_load, load_pretrained, save_pretrained
+from .checkpoint import Loaded, init_or_load
+from .device import resolve_device
+from .loop import (latest_checkpoint, load_state, progress_bar, running_mean, save_checkpoint, steps,
+                   warmup_cosine_schedule)
 from .prompt import IMAGE_PREAMBLE, SEP, expand_region_tags, region_order
 from .tokenizer import PromptTokenizer
 from .vision import normalize_boxes, preprocess
@@ -208,27 +211,7 @@ def set_trainable(model: torch.nn.Module, stage: int, train_vision_tower: bool =
     return list(parts)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def _lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(cfg.warmup_steps, 1)
-        progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
+STATE_FILE, CONFIG_FILE = "trainer_state.pt", "train_config.json"  # in each checkpoint-N folder
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -238,8 +221,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out)
-    device = _device(cfg.device)
-    resume = _latest_checkpoint(out)
+    device = resolve_device(cfg.device)
+    resume = latest_checkpoint(out)
     loaded = init_or_load(resume or cfg.init, seed=cfg.seed)
     model = loaded.model.to(device).restore_buffers()
     model.train()
@@ -249,24 +232,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model.llm.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
-    step = 0
-    if resume is not None:
-        state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        for group, base in zip(optim.param_groups, sched.base_lrs):  # the schedule of *this* config
-            group["lr"] = base * _lr_lambda(cfg)(step)
+    sched = warmup_cosine_schedule(optim, cfg.warmup_steps, cfg.max_steps)
+    start = load_state(resume / STATE_FILE, optim, sched)[0] if resume is not None else 0
     wrapped = _wrap(model, cfg, device)
     batches = Batches(read_conversations(cfg.data), loaded, cfg, rank, world)
     per_epoch = max(len(batches.records) // world // cfg.batch_size, 1)
     autocast = _autocast(cfg, device)
-    bar = _bar(progress and rank == 0, cfg.max_steps, step)
-    loss_avg, t0 = None, time.perf_counter()
-    while step < cfg.max_steps:
-        epoch, skip = divmod(step, per_epoch)
-        for batch in batches.epoch(epoch, skip):
+    avg: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with progress_bar(progress, cfg.max_steps, start, "train") as bar:
+        for step, batch in steps(start, cfg.max_steps, per_epoch, batches.epoch):
             with autocast:
                 out_ = wrapped(batch["input_ids"].to(device), batch["pixel_values"].to(device),
                                [b.to(device) for b in batch["boxes"]], batch["attention_mask"].to(device),
@@ -276,21 +251,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
-            step += 1
-            loss = float(out_.loss.detach())
-            loss_avg = loss if loss_avg is None else 0.95 * loss_avg + 0.05 * loss
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            running_mean(avg, {"loss": float(out_.loss.detach())})
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-                _save(loaded, optim, sched, step, cfg, out, loss_avg, time.perf_counter() - t0)
-            if step >= cfg.max_steps:
-                break
-    if bar is not None:
-        bar.close()
+                save_checkpoint(out, step, loaded, optim, sched, state_file=STATE_FILE, config_file=CONFIG_FILE,
+                                config={**asdict(cfg), "loss": avg["loss"], "seconds": time.perf_counter() - t0},
+                                keep=cfg.keep_checkpoints)
     if dist.is_initialized():
         dist.barrier()
-    return _latest_checkpoint(out)
+    return latest_checkpoint(out)
 
 
 def _wrap(model, cfg: TrainConfig, device):
@@ -315,28 +285,6 @@ def _wrap(model, cfg: TrainConfig, device):
 def _autocast(cfg: TrainConfig, device):
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _save(loaded: Loaded, optim, sched, step: int, cfg: TrainConfig, out: Path, loss: float | None, seconds: float) -> None:
-    """checkpoint-STEP/: the model (roiscribe format) + optimizer state; older ones pruned."""
-    target = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    save_pretrained(loaded, tmp)
-    torch.save({"optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp / "trainer_state.pt")
-    (tmp / "train_config.json").write_text(json.dumps({**asdict(cfg), "loss": loss, "seconds": seconds}, indent=2))
-    tmp.rename(target)  # a checkpoint exists whole or not at all
-    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.keep_checkpoints]:
-        import shutil
-
-        shutil.rmtree(old)
 
 
 def training_loss(loaded: Loaded, batch: dict) -> torch.Tensor:

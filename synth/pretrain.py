@@ -8,16 +8,13 @@ region tokens predict each object's shape, colour, material and size, and a pair
 position relation of two objects. The heads are thrown away; the checkpoint is an ordinary
 roiscribe checkpoint that instruction tuning (``model.train``, stage 2) starts from.
 
-Resumable like ``model.train``: ``out/checkpoint-N`` holds the model and ``pretrain_state.pt``
-(heads, optimizer, step).
+Resumable like ``model.train`` (the loop of ``model.loop``): ``out/checkpoint-N`` holds the model and
+``pretrain_state.pt`` (heads, optimizer, scheduler, step).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import Loaded, init_or_load, save_pretrained
+from model.checkpoint import Loaded, init_or_load
+from model.loop import (latest_checkpoint, load_state, progress_bar, running_mean, save_checkpoint, steps,
+                        warmup_cosine_schedule)
 from model.vision import normalize_boxes, preprocess
 
 from .evaluate import GroundTruth, read_ground_truth
@@ -106,13 +105,15 @@ def pretrain_loss(loaded: Loaded, heads: Heads, truths: list[GroundTruth]) -> tu
     return loss, acc
 
 
+STATE_FILE, CONFIG_FILE = "pretrain_state.pt", "pretrain_config.json"  # in each checkpoint-N folder
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     """Train the vision tower and region encoder on the world's labels; returns the last checkpoint."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out)
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    resume = ckpts[-1] if ckpts else None
+    resume = latest_checkpoint(out)
     loaded = init_or_load(resume or cfg.init, seed=cfg.seed)
     model = loaded.model.restore_buffers()
     model.requires_grad_(False)
@@ -123,64 +124,35 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     heads = Heads(loaded.config.llm.hidden_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
-    step = 0
+    sched = warmup_cosine_schedule(optim, cfg.warmup_steps, cfg.steps)
+    start = 0
     if resume is not None:
-        state = torch.load(resume / "pretrain_state.pt", map_location="cpu", weights_only=True)
+        start, state = load_state(resume / STATE_FILE, optim, sched)
         heads.load_state_dict(state["heads"])
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        for group, base in zip(optim.param_groups, sched.base_lrs):  # the schedule of *this* config
-            group["lr"] = base * lr_at(step)
     truths = read_ground_truth(cfg.world)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    per_epoch = max(len(truths) // cfg.batch_size, 1)
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    def epoch(e: int, skip: int):
+        order = list(range(len(truths)))
+        random.Random(cfg.seed + e).shuffle(order)
+        for first in range(skip * cfg.batch_size, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            yield [truths[i] for i in order[first:first + cfg.batch_size]]
+
     avg: dict[str, float] = {}
     t0 = time.perf_counter()
-    per_epoch = max(len(truths) // cfg.batch_size, 1)
-    while step < cfg.steps:
-        epoch, skip = divmod(step, per_epoch)
-        order = list(range(len(truths)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        for start in range(skip * cfg.batch_size, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            loss, acc = pretrain_loss(loaded, heads, [truths[i] for i in order[start:start + cfg.batch_size]])
+    with progress_bar(progress, cfg.steps, start, "pretrain") as bar:
+        for step, batch in steps(start, cfg.steps, per_epoch, epoch):
+            loss, acc = pretrain_loss(loaded, heads, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
-            step += 1
-            for k, v in {"loss": float(loss.detach()), **acc}.items():
-                avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in avg.items()})
+            running_mean(avg, {"loss": float(loss.detach()), **acc})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in avg.items()})
             if step % cfg.save_every == 0 or step == cfg.steps:
-                _save(loaded, heads, optim, sched, step, cfg, out, avg, time.perf_counter() - t0)
-            if step >= cfg.steps:
-                break
-    if bar is not None:
-        bar.close()
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1]
-
-
-def _save(loaded, heads, optim, sched, step, cfg, out: Path, avg, seconds) -> None:
-    target, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    save_pretrained(loaded, tmp)
-    torch.save({"heads": heads.state_dict(), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                "step": step}, tmp / "pretrain_state.pt")
-    (tmp / "pretrain_config.json").write_text(json.dumps({**asdict(cfg), "running": avg, "seconds": seconds}, indent=2))
-    tmp.rename(target)
-    for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+                save_checkpoint(out, step, loaded, optim, sched, state_file=STATE_FILE, config_file=CONFIG_FILE,
+                                config={**asdict(cfg), "running": avg, "seconds": time.perf_counter() - t0},
+                                keep=cfg.keep_checkpoints, extra={"heads": heads.state_dict()})
+    return latest_checkpoint(out)

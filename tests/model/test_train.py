@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -75,17 +76,27 @@ def test_training_saves_and_resumes(world, tmp_path):
     assert final.name == "checkpoint-4"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     state = torch.load(final / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 4
-    # resume: a longer run picks up at step 4 and continues from those weights
+    assert set(state) == {"optimizer", "scheduler", "step"} and state["step"] == 4
+    uninterrupted = load_pretrained(final).model.state_dict()
+
+    # interrupted after step 2 (6 batches an epoch: mid-epoch): the resumed run repeats the uninterrupted one
+    # exactly, which needs the weights, the optimizer, the schedule and the data position of checkpoint-2
+    shutil.rmtree(final)
+    again = train(cfg, progress=False)
+    assert again.name == "checkpoint-4"
+    resumed = load_pretrained(again).model.state_dict()
+    assert all(torch.equal(v, resumed[k]) for k, v in uninterrupted.items())
+
+    # a longer run picks up at step 4 and continues from those weights, on its own schedule
     longer = TrainConfig(**{**cfg.__dict__, "max_steps": 6, "keep_checkpoints": 5})
-    before = load_pretrained(final).model.state_dict()
     resumed = train(longer, progress=False)
     assert resumed.name == "checkpoint-6"
     assert not (tmp_path / "run" / "checkpoint-5").exists()
     after = load_pretrained(resumed).model.state_dict()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    changed = [k for k in uninterrupted if not torch.equal(uninterrupted[k], after[k])]
     assert changed and all(not k.startswith("vision_tower.") for k in changed)
     assert json.loads((resumed / "train_config.json").read_text())["max_steps"] == 6
+    assert torch.load(resumed / "trainer_state.pt", weights_only=True)["step"] == 6
 
 
 def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):

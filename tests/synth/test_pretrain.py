@@ -1,5 +1,7 @@
 """Vision pretraining of the demo (synth/pretrain.py) on the tiny preset."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -40,17 +42,30 @@ def test_a_few_steps_reduce_the_loss_and_touch_only_the_vision_side(world):
 
 
 def test_pretraining_checkpoints_and_resumes(world, tmp_path):
-    cfg = PretrainConfig(world=str(world), out=str(tmp_path / "run"), init="random:tiny", steps=2, batch_size=2,
+    cfg = PretrainConfig(world=str(world), out=str(tmp_path / "run"), init="random:tiny", steps=3, batch_size=2,
                          save_every=1, warmup_steps=1)
     final = pretrain(cfg, progress=False)
-    assert final.name == "checkpoint-2"
-    first = load_pretrained(final).model.state_dict()
-    resumed = pretrain(PretrainConfig(**{**cfg.__dict__, "steps": 3}), progress=False)
-    assert resumed.name == "checkpoint-3"
-    state = torch.load(resumed / "pretrain_state.pt", weights_only=True)
-    assert state["step"] == 3 and set(state["heads"])
+    assert final.name == "checkpoint-3"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    uninterrupted = load_pretrained(final).model.state_dict()
+    heads = torch.load(final / "pretrain_state.pt", weights_only=True)["heads"]
+
+    # interrupted after step 2 (4 batches an epoch: mid-epoch): the resumed run repeats the uninterrupted one
+    # exactly, which needs the weights, the heads, the optimizer and the data position of checkpoint-2
+    shutil.rmtree(final)
+    again = pretrain(cfg, progress=False)
+    assert again.name == "checkpoint-3"
+    assert all(torch.equal(v, load_pretrained(again).model.state_dict()[k]) for k, v in uninterrupted.items())
+    state = torch.load(again / "pretrain_state.pt", weights_only=True)
+    assert set(state) == {"heads", "optimizer", "scheduler", "step"} and state["step"] == 3
+    assert all(torch.equal(v, state["heads"][k]) for k, v in heads.items())
+
+    # a longer run continues from there and trains only the vision side
+    resumed = pretrain(PretrainConfig(**{**cfg.__dict__, "steps": 4}), progress=False)
+    assert resumed.name == "checkpoint-4"
+    assert torch.load(resumed / "pretrain_state.pt", weights_only=True)["step"] == 4
     after = load_pretrained(resumed).model.state_dict()
-    changed = {k.split(".")[0] for k in first if not torch.equal(first[k], after[k])}
+    changed = {k.split(".")[0] for k in uninterrupted if not torch.equal(uninterrupted[k], after[k])}
     assert changed == {"vision_tower", "spi_module"}
 
 
