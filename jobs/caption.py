@@ -141,6 +141,9 @@ def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
     connect(runner.address)
     batches = -(-len(items) // cfg.batch_size)
     actors, gpus = check_resources(runner, ray.cluster_resources(), batches)
+    # Dispatch only once the whole pool is up: otherwise the actor that loads its model first is
+    # handed every batch of a short job, and a pool that can never start fails instead of waiting.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = runner.actor_start_timeout_s
     ds = ray.data.from_items([{"image_id": i.image_id, "uri": i.uri} for i in items],
                              override_num_blocks=max(1, len(items) // cfg.batch_size))
     common = dict(batch_size=cfg.batch_size, batch_format="pyarrow")

@@ -113,6 +113,7 @@ class RunnerConfig:
     gpus_per_describe_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     detect_actors: int = 0  # 0: decode and detect inside the describe actors (one pool); N: a pool of N
     detect_cpus: float = 0.5
+    actor_start_timeout_s: int = 1800  # batches go out once every actor of a pool is up (or fail after this)
 
     def actors(self, resources: dict, batches: int) -> tuple[int, float]:
         """(describe actors, GPUs per describe actor) for a cluster's resources and a job of
