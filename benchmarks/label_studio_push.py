@@ -1,12 +1,12 @@
 """Bulk push throughput: N tasks with predictions into a real, freshly started Label Studio.
 
-Starts its own server (tests/ls_server.py: own virtualenv, 127.0.0.1, prediction validation on),
-pushes N rows (3 regions each: box, caption, colour choice; 2 relations) with local-files image
-references, then pushes them again (the idempotent no-op path: one listing, nothing sent), and
-prints tasks/s for both.
+Starts its own server (``sinks.label_studio.server``: own virtualenv, 127.0.0.1, prediction
+validation on), pushes N rows (3 regions each: box, caption, colour choice; 2 relations) with
+local-files image references, then pushes them again (the idempotent no-op path: one listing,
+nothing sent), and prints tasks/s for both.
 
-    python -m tests.ls_server install
-    python benchmarks/label_studio_push.py --tasks 10000 --chunk-size 500
+    python -m sinks.label_studio.server install
+    python -m benchmarks.label_studio_push --tasks 10000 --chunk-size 500    # from the repository root
 """
 
 from __future__ import annotations
@@ -14,13 +14,32 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# the repository root first: benchmarks/pipeline.py must not shadow the pipeline package
-sys.path[:1] = [str(Path(__file__).resolve().parents[1])]
+COLORS = ("red", "green", "blue", "yellow")
+PREDICATES = ("left of", "right of", "above", "below")
+WIDTH, HEIGHT = 200, 100  # the benchmark images' size, in pixels
+
+
+def make_row(k: int, uri: str, n_regions: int = 3) -> dict:
+    """Row ``k`` of the workload (``sinks.parquet`` schema): boxes, captions, a colour, an unparsed
+    material, relations (the rows the Label Studio tests push)."""
+    regions = []
+    for i in range(n_regions):
+        x1, y1, color = 10.0 + 50 * i + (k % 7), 5.0 + (k % 11), COLORS[(k + i) % 4]
+        caption = f"a {color} thing number {k}-{i}"
+        regions.append({"region_id": i, "box": [x1, y1, x1 + 30.5, y1 + 40.25], "label": ["circle", "star"][i % 2],
+                        "class_id": i % 2, "score": 0.5 + 0.1 * i, "caption": caption,
+                        "answers": [{"name": "caption", "value": caption, "raw": "", "status": "ok"},
+                                    {"name": "color", "value": color, "raw": color, "status": "ok"},
+                                    {"name": "material", "value": None, "raw": "???", "status": "unknown"}]})
+    relations = [{"subject": i, "predicate": PREDICATES[(k + i) % 4], "object": i + 1, "raw": "", "status": "ok"}
+                 for i in range(n_regions - 1)]
+    return {"image_id": f"img/{k:05d}.png", "uri": uri, "width": WIDTH, "height": HEIGHT, "status": "ok",
+            "error": None, "num_regions": n_regions, "regions": regions, "relations": relations,
+            "detector": "yolo:/x/detector.pt", "model": "/x/gpt4roi", "templates_version": "v1"}
 
 
 def main() -> None:
@@ -32,8 +51,7 @@ def main() -> None:
     from PIL import Image
 
     from sinks.label_studio import ImageRefs, LabelStudio, PushConfig, push
-    from tests.ls_server import TOKEN, Server, install
-    from tests.sinks.test_label_studio import make_row
+    from sinks.label_studio.server import TOKEN, Server, install
 
     install()
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +60,7 @@ def main() -> None:
         images = []
         for k in range(8):
             path = root / "docs" / "imgs" / f"{k}.png"
-            Image.new("RGB", (200, 100), (30 * k, 90, 160)).save(path)
+            Image.new("RGB", (WIDTH, HEIGHT), (30 * k, 90, 160)).save(path)
             images.append(str(path))
         rows = [make_row(k, images[k % len(images)]) for k in range(args.tasks)]
         server = Server(root / "data", root / "docs")
@@ -58,8 +76,7 @@ def main() -> None:
             t = time.perf_counter()
             again = push(rows, cfg, token=TOKEN, progress=False)
             second = time.perf_counter() - t
-            total = LabelStudio(server.url, TOKEN).get("/api/tasks", "count", project=report.project_id,
-                                                      page_size=1, include="id")["total"]
+            total = LabelStudio(server.url, TOKEN).task_count(report.project_id)
         finally:
             server.stop()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; chunk {args.chunk_size}")

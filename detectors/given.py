@@ -10,7 +10,6 @@ answer, not an error.
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 import re
 from collections import Counter
@@ -154,24 +153,9 @@ def _label_studio_regions(task: dict) -> Regions:
                if r.get("type") == "rectanglelabels"]
     if not results:
         return Regions.empty(NAME)
-    boxes = [_percent_box_to_pixels(r, task.get("id")) for r in results]
+    from sinks.label_studio.convert import percent_box_to_pixels
+
+    boxes = [percent_box_to_pixels(r, task.get("id")) for r in results]
     labels = [(r["value"].get("rectanglelabels") or [""])[0] for r in results]
     return Regions(np.array(boxes), np.ones(len(boxes)), np.full(len(boxes), -1), labels, NAME)
 
-
-def _percent_box_to_pixels(result: dict, task_id) -> list[float]:
-    """Pixel xyxy envelope of one Label Studio rectangle (percent units, rotation about top-left)."""
-    if "original_width" not in result or "original_height" not in result:
-        raise ValueError(f"Label Studio task {task_id}: a rectangle result has no original_width/original_height, "
-                         f"so its percent coordinates cannot become pixels; export the project again as JSON")
-    v, w_img, h_img = result["value"], float(result["original_width"]), float(result["original_height"])
-    x, y = v["x"] / 100.0 * w_img, v["y"] / 100.0 * h_img
-    w, h = v["width"] / 100.0 * w_img, v["height"] / 100.0 * h_img
-    angle = math.radians(v.get("rotation", 0.0) or 0.0)
-    if angle == 0.0:
-        return [x, y, x + w, y + h]
-    cos, sin = math.cos(angle), math.sin(angle)
-    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]  # relative to the top-left corner, y down
-    xs = [x + cx * cos - cy * sin for cx, cy in corners]
-    ys = [y + cx * sin + cy * cos for cx, cy in corners]
-    return [min(xs), min(ys), max(xs), max(ys)]

@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.caption import ResourceError
     from jobs.sources import SourceError
     from model.configfile import ConfigError
+    from sinks.label_studio.errors import LabelStudioError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -541,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, SourceError, ResourceError, FileExistsError) as e:
         print(f"roiscribe {args.command}: {e}", file=sys.stderr)
         return 2
+    except LabelStudioError as e:  # the server refused, or could not be reached: its message says which
+        print(f"roiscribe {args.command}: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 -- a bug or an environment failure: the traceback, then one line
         import traceback
 

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 # the Label Studio server the tests start lives in its own virtualenv (it pins its own Django)
-python -m tests.ls_server install
+python -m sinks.label_studio.server install
 python -m pytest "$@"

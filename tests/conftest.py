@@ -54,7 +54,7 @@ def coco_world(tmp_path_factory):
 def ls_server(tmp_path_factory):
     """A real Label Studio server (its own virtualenv, installed on first use), 127.0.0.1,
     prediction validation on; local files served from ``server.document_root``. Stopped by PID."""
-    from tests.ls_server import Server, install
+    from sinks.label_studio.server import Server, install
 
     install()
     root = tmp_path_factory.mktemp("label_studio")
@@ -67,7 +67,7 @@ def ls_server(tmp_path_factory):
 @pytest.fixture
 def ls_token(ls_server, monkeypatch):
     """The server's admin token, provided the way users provide it: the environment."""
-    from tests.ls_server import TOKEN
+    from sinks.label_studio.server import TOKEN
 
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
     return TOKEN

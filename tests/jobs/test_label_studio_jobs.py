@@ -22,7 +22,7 @@ def scene_dir(ls_server):
 def tasks_of(server, token, title):
     client = LabelStudio(server.url, token)
     pid = client.project(title)["id"]
-    return pid, client.get("/api/tasks", "test", project=pid, page_size=100, fields="all")["tasks"]
+    return pid, client.list_tasks(pid)
 
 
 def drawn_box(task_id: int, width: int, height: int) -> dict:
@@ -77,7 +77,7 @@ def test_ml_backend_answers_a_drawn_box_through_the_server(ls_server, ls_token, 
                            model_version="v1"), progress=False)
     pid, (task,) = tasks_of(ls_server, ls_token, "interactive")
 
-    predictor = Predictor(BackendConfig(document_root=str(ls_server.document_root), label_studio_url=ls_server.url))
+    predictor = Predictor(backend=BackendConfig(document_root=str(ls_server.document_root), label_studio_url=ls_server.url))
     backend = serve(predictor, "127.0.0.1", 0)
     try:
         headers = {"Authorization": f"Token {ls_token}"}

@@ -1,16 +1,23 @@
-"""Label Studio sink: the pure conversion, then pushes against a real Label Studio server."""
+"""Label Studio sink: the pure conversion, the client's retry rules against a stub server, then
+pushes against a real Label Studio server."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from sinks.label_studio import (
-    AuthError, ConfigSpec, ImageRefs, LabelStudio, PushConfig, TaskError, UnreachableError, labeling_config,
-    model_version_of, push, row_to_result, spec_from_config, spec_from_rows,
+    AuthError, ConfigSpec, ImageRefs, LabelStudio, LabelStudioError, PushConfig, PushReport, TaskError,
+    UnreachableError, labeling_config, model_version_of, percent_box_to_pixels, push, row_to_result,
+    spec_from_config, spec_from_rows,
 )
+from sinks.label_studio.convert import local_files_path, pixels_to_percent
+from sinks.label_studio.push import _send_checked
 
 COLORS = ["red", "green", "blue", "yellow"]
 PREDICATES = ["left of", "right of", "above", "below"]
@@ -103,6 +110,94 @@ def test_image_refs(tmp_path):
     with pytest.raises(ValueError, match="document root"):
         ImageRefs("local-files")
     assert "," not in model_version_of([make_row(0, "a")])
+    assert local_files_path("/data/local-files/?d=sub/a%20b.png") == "sub/a b.png"
+    assert local_files_path("http://h:8080/data/local-files/?d=x/y.png") == "x/y.png"
+    assert local_files_path("/data/upload/3/a.png") is None
+
+
+def test_percent_and_pixels_are_inverse():
+    box = [12.5, 7.0, 180.25, 99.0]
+    value = pixels_to_percent(box, 200, 100)
+    assert value["x"] == pytest.approx(6.25) and value["height"] == pytest.approx(92.0)
+    result = {"original_width": 200, "original_height": 100, "value": value}
+    assert percent_box_to_pixels(result) == pytest.approx(box)
+    with pytest.raises(ValueError, match="task 9: a rectangle.*original_width"):
+        percent_box_to_pixels({"value": value}, 9)
+
+
+def test_pure_modules_import_neither_httpx_nor_the_sdk():
+    code = ("import sys, sinks.label_studio, sinks.label_studio.convert, sinks.label_studio.labeling\n"
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "httpx" not in loaded and "label_studio_sdk" not in loaded
+
+
+# The client's retry rules, against a stub server -------------------------------------------------
+
+class Stub(BaseHTTPRequestHandler):
+    """Answers every request with ``status`` (or drops the connection when it is None) and counts
+    requests per method."""
+
+    status: int | None = 503
+    counts: dict[str, int] = {}
+
+    def _answer(self):
+        type(self).counts[self.command] = type(self).counts.get(self.command, 0) + 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.status is None:
+            self.close_connection = True
+            self.connection.close()
+            return
+        body = b'{"detail": "stub says no"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    Stub.counts, Stub.status = {}, 503
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status", [503, None])  # a 5xx answer, and a connection dropped without one
+def test_writes_are_sent_once_and_reads_retried(stub, status):
+    Stub.status = status
+    client = LabelStudio(stub, "secret-token-xyz", retries=2, backoff=0.0)
+    expected = UnreachableError if status is None else LabelStudioError
+    with pytest.raises(expected) as info:
+        client.import_tasks(1, [{"data": {"image": "/x.png"}}])
+    assert Stub.counts == {"POST": 1}, "a write was sent more than once"
+    with pytest.raises(expected):
+        client.import_predictions(1, [{"task": 1, "result": []}])
+    with pytest.raises(expected):
+        client.update_project(1, model_version="v")
+    assert Stub.counts == {"POST": 2, "PATCH": 1}
+    with pytest.raises(expected):
+        client.project(5)
+    assert Stub.counts["GET"] == 3  # one try and two retries
+    assert "secret-token-xyz" not in str(info.value) and stub in str(info.value)
+    if status is not None:
+        assert info.value.status == 503 and "stub says no" in str(info.value)
+
+
+def test_a_4xx_read_is_not_retried(stub):
+    Stub.status = 404
+    with pytest.raises(LabelStudioError, match="answered 404 to reading project 5"):
+        LabelStudio(stub, "t", retries=3, backoff=0.0).project(5)
+    assert Stub.counts == {"GET": 1}
 
 
 # Against the real server -------------------------------------------------------------------------
@@ -128,14 +223,7 @@ def rows_for(images, n: int, offset: int = 0) -> list[dict]:
 
 def server_tasks(server, token: str, title: str) -> list[dict]:
     client = LabelStudio(server.url, token)
-    project = client.project(title)
-    tasks, page = [], 1
-    while True:
-        data = client.get("/api/tasks", "test listing", project=project["id"], page=page, page_size=500, fields="all")
-        tasks += data["tasks"]
-        if page * 500 >= data["total"]:
-            return tasks
-        page += 1
+    return client.list_tasks(client.project(title)["id"])
 
 
 def read_back(task: dict, version: str) -> dict:
@@ -225,8 +313,6 @@ def test_bad_rows_are_reported_per_task_and_the_rest_is_pushed(ls_server, ls_tok
 def test_server_side_rejection_names_the_task_and_the_rest_goes_in(ls_server, ls_token, images):
     """The safety net behind client validation: the server (prediction validation on) answers 400
     and writes nothing; the task it names is reported and the others are sent again."""
-    from sinks.label_studio import PushReport, _send_checked
-
     client = LabelStudio(ls_server.url, ls_token)
     row = make_row(1, images[0])
     spec = spec_from_rows([row])
@@ -286,7 +372,7 @@ def test_push_survives_the_server_being_killed_mid_push(ls_server, ls_token, ima
     pid = watcher.project("killed")["id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if watcher.get("/api/tasks", "count", project=pid, page_size=1, include="id")["total"] >= 200:
+        if watcher.task_count(pid) >= 200:
             break
         time.sleep(0.05)
     ls_server.stop(kill=True)
@@ -304,8 +390,6 @@ def test_push_survives_the_server_being_killed_mid_push(ls_server, ls_token, ima
 
 
 def test_unknown_numeric_project_and_foreign_config_are_refused(ls_server, ls_token, images):
-    from sinks.label_studio import LabelStudioError
-
     with pytest.raises(LabelStudioError, match="answered 404|no project"):
         push(rows_for(images, 1), PushConfig(ls_server.url, "987654", ImageRefs("upload")), progress=False)
     client = LabelStudio(ls_server.url, ls_token)
@@ -340,7 +424,7 @@ def test_push_waits_for_a_restarted_server_and_completes_in_the_same_run(ls_serv
     thread.start()
     watcher = LabelStudio(ls_server.url, ls_token)
     pid = watcher.project("restarted")["id"]
-    while watcher.get("/api/tasks", "count", project=pid, page_size=1, include="id")["total"] < 100:
+    while watcher.task_count(pid) < 100:
         time.sleep(0.05)
     ls_server.stop(kill=True)
     ls_server.start()

@@ -1,4 +1,5 @@
-"""A real Label Studio server for the tests (and ``.ci/run``): install, start, stop.
+"""A local Label Studio server (the tests, the push benchmark, anyone who wants one): install,
+start, stop.
 
 Label Studio pins its own Django stack, so it lives in its own virtualenv
 (``.venv-label-studio`` at the repository root unless ``ROISCRIBE_LS_VENV`` names another). The
@@ -6,7 +7,7 @@ server runs on 127.0.0.1 with a fixed admin user and legacy API token, predictio
 local-files serving under a document root, and the banned-subnet list opened for 127.0.0.1 so
 that it can call roiscribe's ML backend. It is stopped by its PID.
 
-    python -m tests.ls_server install        # create the virtualenv (idempotent, ~70 s)
+    python -m sinks.label_studio.server install        # create the virtualenv (idempotent, ~70 s)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (sinks/label_studio/server.py)
 VERSION = "1.23.2"
-TOKEN = "roiscribe-test-token-0123456789abcdef"  # the fixed admin token of the test server
+TOKEN = "roiscribe-test-token-0123456789abcdef"  # the fixed admin token of a server started here
 USER, PASSWORD = "admin@roiscribe.test", "roiscribe-test-password"
 
 
@@ -138,5 +139,5 @@ def _port_open(port: int) -> bool:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["install"]:
-        sys.exit("usage: python -m tests.ls_server install")
+        sys.exit("usage: python -m sinks.label_studio.server install")
     print(install(quiet=False))

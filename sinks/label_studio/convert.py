@@ -1,0 +1,174 @@
+"""roiscribe rows <-> Label Studio results: pure functions, no server, nothing heavy imported.
+
+Coordinates: a roiscribe box is pixel ``[x1, y1, x2, y2]`` of the original image. A Label Studio
+rectangle is ``x``, ``y``, ``width``, ``height`` in percent of the original image
+(``original_width`` / ``original_height``), rotated by ``rotation`` degrees clockwise about its
+top-left corner. ``pixels_to_percent`` and ``percent_box_to_pixels`` are the only two places that
+convert between them.
+
+Region ``k`` of a row is Label Studio region id ``r{k}``: its rectangle, caption text area and
+attribute choices share the id, and relations link ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+from urllib.parse import parse_qs, quote, urlsplit
+
+from sinks.label_studio.errors import TaskError
+from sinks.label_studio.labeling import CAPTION, CAPTION_ANSWERS, IMAGE, REGION, ConfigSpec
+
+IMAGE_MODES = ("local-files", "upload", "url")
+LOCAL_FILES_PATH = "/data/local-files/"  # the server serves local files here, ?d=PATH under its document root
+BOX_TOLERANCE = 0.5  # pixels a box may pass the image border by (float slack); it is then clipped
+
+
+# Coordinates --------------------------------------------------------------------------------------
+
+def pixels_to_percent(box: Sequence[float], width: float, height: float) -> dict:
+    """A pixel ``[x1, y1, x2, y2]`` box as Label Studio geometry (percent of the image, unrotated)."""
+    x1, y1, x2, y2 = box
+    return {"x": 100.0 * x1 / width, "y": 100.0 * y1 / height, "width": 100.0 * (x2 - x1) / width,
+            "height": 100.0 * (y2 - y1) / height, "rotation": 0}
+
+
+def percent_box_to_pixels(result: dict, task_id=None) -> list[float]:
+    """The pixel ``[x1, y1, x2, y2]`` envelope of one Label Studio rectangle result (percent
+    units, rotated about its top-left corner); ``task_id`` only names the task in the error."""
+    if "original_width" not in result or "original_height" not in result:
+        where = f"Label Studio task {task_id}: a" if task_id is not None else "A Label Studio"
+        raise ValueError(f"{where} rectangle result has no original_width/original_height, so its percent "
+                         "coordinates cannot become pixels; export the project again as JSON")
+    v, w_img, h_img = result["value"], float(result["original_width"]), float(result["original_height"])
+    x, y = v["x"] / 100.0 * w_img, v["y"] / 100.0 * h_img
+    w, h = v["width"] / 100.0 * w_img, v["height"] / 100.0 * h_img
+    angle = math.radians(v.get("rotation", 0.0) or 0.0)
+    if angle == 0.0:
+        return [x, y, x + w, y + h]
+    cos, sin = math.cos(angle), math.sin(angle)
+    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]  # relative to the top-left corner, y down
+    xs = [x + cx * cos - cy * sin for cx, cy in corners]
+    ys = [y + cx * sin + cy * cos for cx, cy in corners]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+# Rows -> prediction results -----------------------------------------------------------------------
+
+def row_to_result(row: dict, spec: ConfigSpec) -> tuple[list[dict], float | None]:
+    """The prediction ``result`` list and score of one ``ok`` row; raises ``TaskError`` for a row
+    that would make an invalid prediction (a box outside the image, a relation to a missing
+    region, a value the labeling config does not offer)."""
+    key = row["image_id"]
+    w, h = row.get("width") or 0, row.get("height") or 0
+    if w <= 0 or h <= 0:
+        raise TaskError(key, f"image size {w}x{h} is not positive")
+    result, ids, scores = [], set(), []
+    for region in row.get("regions") or []:
+        rid = f"r{region['region_id']}"
+        x1, y1, x2, y2 = region["box"]
+        tol = BOX_TOLERANCE
+        if not (-tol <= x1 < x2 <= w + tol and -tol <= y1 < y2 <= h + tol):
+            raise TaskError(key, f"region {region['region_id']} box {[round(v, 1) for v in region['box']]} "
+                                 f"lies outside the {w}x{h} image")
+        geometry = pixels_to_percent([max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))], w, h)
+        base = {"id": rid, "to_name": IMAGE, "original_width": int(w), "original_height": int(h), "image_rotation": 0}
+        label = region.get("label") or ""
+        if label not in spec.classes:
+            raise TaskError(key, f"region {region['region_id']} label {label!r} is not in the labeling config")
+        score = region.get("score")
+        rect = {**base, "from_name": REGION, "type": "rectanglelabels",
+                "value": {**geometry, "rectanglelabels": [label]}}
+        if score is not None:
+            rect["score"] = float(score)
+            scores.append(float(score))
+        result.append(rect)
+        if region.get("caption"):
+            result.append({**base, "from_name": CAPTION, "type": "textarea", "value": {**geometry, "text": [region["caption"]]}})
+        for a in region.get("answers") or []:
+            if a["name"] in CAPTION_ANSWERS or not a.get("value") or a["name"] not in spec.attributes:
+                continue
+            if a["value"] not in spec.attributes[a["name"]]:
+                raise TaskError(key, f"region {region['region_id']} {a['name']} {a['value']!r} is not in the labeling config")
+            result.append({**base, "from_name": a["name"], "type": "choices", "value": {**geometry, "choices": [a["value"]]}})
+        ids.add(rid)
+    for rel in row.get("relations") or []:
+        if not rel.get("predicate"):
+            continue  # an unparsed answer: kept in Parquet, nothing to show as a relation
+        a, b = f"r{rel['subject']}", f"r{rel['object']}"
+        if a not in ids or b not in ids:
+            raise TaskError(key, f"relation {rel['subject']} -{rel['predicate']}-> {rel['object']} names a region "
+                                 f"the row does not have (regions {sorted(int(i[1:]) for i in ids)})")
+        if rel["predicate"] not in spec.predicates:
+            raise TaskError(key, f"relation predicate {rel['predicate']!r} is not in the labeling config")
+        result.append({"type": "relation", "from_id": a, "to_id": b, "direction": "right", "labels": [rel["predicate"]]})
+    return result, (sum(scores) / len(scores) if scores else None)
+
+
+def model_version_of(rows: Sequence[dict]) -> str:
+    """A default model version from the rows' provenance (model, detector, templates)."""
+    if not rows:
+        return "roiscribe"
+    r = rows[0]
+    text = f"roiscribe {Path(str(r.get('model') or '')).name} {Path(str(r.get('detector') or '')).name} {r.get('templates_version') or ''}"
+    return " ".join(text.replace(",", " ").split())
+
+
+# Images -------------------------------------------------------------------------------------------
+
+def local_files_path(url: str) -> str | None:
+    """The path under the server's document root that a local-files image URL names (relative
+    ``/data/local-files/?d=...`` or absolute on the server); None for any other URL."""
+    parts = urlsplit(url)
+    if not parts.path.startswith(LOCAL_FILES_PATH):
+        return None
+    return parse_qs(parts.query).get("d", [""])[0]
+
+
+@dataclass(frozen=True)
+class ImageRefs:
+    """How a task points at its image: ``local-files`` (a path under ``document_root``, served by
+    Label Studio's local-files storage), ``upload`` (the file is uploaded to the project) or
+    ``url`` (the row's http(s) uri, or ``url_prefix`` + the path under ``document_root``)."""
+
+    mode: str = "local-files"
+    document_root: str | None = None
+    url_prefix: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in IMAGE_MODES:
+            raise ValueError(f"image mode {self.mode!r}: expected one of {', '.join(IMAGE_MODES)}")
+        if self.mode == "local-files" and not self.document_root:
+            raise ValueError("local-files images need the document root the server serves "
+                             "(LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT); pass --document-root")
+
+    def relative(self, row: dict) -> str:
+        root = Path(self.document_root).resolve()
+        path = Path(row["uri"]).resolve()
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            raise TaskError(row["image_id"], f"image {row['uri']} is not under the document root {root}") from None
+        if self.mode == "local-files" and len(rel.parts) < 2:
+            raise TaskError(row["image_id"], f"image {row['uri']} lies directly in the document root; Label Studio "
+                                             "serves local files only from its subfolders")
+        return rel.as_posix()
+
+    def storage_dirs(self, relative_paths: Iterable[str]) -> set[str]:
+        """The document-root subfolders that local-files tasks read from (each needs a Label Studio
+        local storage on the project, or the server answers 404 for its images)."""
+        root = Path(self.document_root).resolve()
+        return {str(root / rel.split("/", 1)[0]) for rel in relative_paths}
+
+    def url(self, row: dict) -> str:
+        uri = str(row["uri"])
+        if self.mode == "local-files":
+            return f"{LOCAL_FILES_PATH}?d=" + quote(self.relative(row))
+        if uri.startswith(("http://", "https://")):
+            return uri
+        if self.url_prefix and self.document_root:
+            return self.url_prefix.rstrip("/") + "/" + quote(self.relative(row))
+        raise TaskError(row["image_id"], f"image {uri} has no URL: give --url-prefix with --document-root, "
+                                         "or use --images local-files / upload")
