@@ -258,8 +258,18 @@ def write_manifest(out: Path, cfg: JobConfig, summary: JobSummary) -> None:
     all_status = statuses(out)
     for s in all_status.values():
         totals[s] = totals.get(s, 0) + 1
+    from .fingerprint import fingerprints
+
+    config = cfg.resolved().to_dict()
+    prov = provenance(cfg)
+    # what changes the answers: the weights and the pipeline's settings (not where the job ran)
+    answering = {k: config[k] for k in ("compose", "engine", "postprocess", "max_pixels")}
+    answering["model"] = {k: config["model"][k] for k in ("spec", "dtype")}
     manifest = {
-        "schema": SCHEMA_VERSION, "config": cfg.resolved().to_dict(), "versions": package_versions(),
+        "schema": SCHEMA_VERSION, "config": config,
+        "fingerprints": fingerprints(prov.model, cfg.model.spec, prov.detector.split(":", 1)[-1],
+                                     cfg.detector.spec, answering),
+        "versions": package_versions(),
         "python": platform.python_version(), "rows": len(all_status), "counts": totals,
         "last_run": {"runner": summary.runner, "runner_reason": summary.runner_reason,
                      "processed": summary.processed, "skipped": summary.skipped, "counts": summary.counts,
