@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
@@ -32,9 +32,11 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import SCHEMA_VERSION, Provenance, from_table, to_table
 from pipeline.decode import ImageSource
+from pipeline.postprocess import PostProcess
 from pipeline.records import ERROR
 from pipeline.stages import decode_stage, describe_stage, detect_stage
-from sinks.parquet import ParquetSink, reconcile, statuses
+from sinks.parquet import (OutputLock, ParquetSink, reconcile, row_count, set_aside_corrupt_parts, statuses,
+                           write_atomic)
 
 from .config import JobConfig, RunnerConfig
 from .sources import Source, SourceItem
@@ -44,12 +46,64 @@ class ResourceError(ValueError):
     """The requested actor pools cannot fit on the cluster (the job would wait forever)."""
 
 
+# Boxes people drew are kept as drawn: only unusable boxes go (invalid, inverted, empty after
+# clipping to the image); no score threshold, NMS, duplicate removal or cap.
+DRAWN_BOXES = PostProcess(score_threshold=0.0, nms_iou=None, duplicate_iou=None, max_regions=None)
+
+
 def job_for_source(cfg: JobConfig, source: Source) -> JobConfig:
     """The config the job really runs: a source that brings its own boxes (COCO, a Label Studio
-    pull) replaces the detector."""
+    pull) replaces the detector; boxes people drew skip the detector clean-up."""
     if source.given_spec:
-        return replace(cfg, detector=replace(cfg.detector, spec=source.given_spec))
+        cfg = replace(cfg, detector=replace(cfg.detector, spec=source.given_spec))
+    if source.drawn:
+        cfg = replace(cfg, postprocess=DRAWN_BOXES)
     return cfg
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` into an output that another source, model, detector or config wrote."""
+
+
+def job_fingerprints(cfg: JobConfig) -> dict:
+    from .fingerprint import fingerprints
+
+    config = cfg.resolved().to_dict()
+    prov = provenance(cfg)
+    # what changes the answers: the weights and the pipeline's settings (not where the job ran)
+    answering = {k: config[k] for k in ("compose", "engine", "postprocess", "max_pixels")}
+    answering["model"] = {k: config["model"][k] for k in ("spec", "dtype")}
+    return fingerprints(prov.model, cfg.model.spec, prov.detector.split(":", 1)[-1], cfg.detector.spec, answering)
+
+
+def check_resume(out: Path, cfg: JobConfig, prints: dict) -> None:
+    """Refuse to resume an output written from another source or with another model, detector or
+    answering config: the rows would mix two jobs (or, for another source, name images twice)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable manifest says nothing to compare; the rows are still checked by id
+    old_source = (before.get("config") or {}).get("source")
+    if old_source and _same_place(old_source) != _same_place(cfg.source):
+        raise ResumeMismatchError(
+            f"{out} was written from the source {old_source!r}, not {cfg.source!r}; resuming would write "
+            "images of another source into it. Use another --out, or --force-resume to add them anyway")
+    old = before.get("fingerprints") or {}
+    what = {"model": f"model {cfg.model.spec!r}", "detector": f"detector {cfg.detector.spec!r}",
+            "config": "answering config (compose, engine, post-processing, dtype)"}
+    changed = [k for k in ("model", "detector", "config") if k in old and old[k] != prints[k]]
+    if changed:
+        raise ResumeMismatchError(
+            f"{out} was written with another " + ", ".join(f"{what[k]} (fingerprint {old[k]}, now {prints[k]})"
+                                                           for k in changed)
+            + "; resuming would mix two jobs' rows in one output. Use another --out, or --force-resume to mix them")
+
+
+def _same_place(source: str) -> str:
+    return os.path.realpath(source) if os.path.exists(source) else source
 
 
 def provenance(cfg: JobConfig) -> Provenance:
@@ -172,54 +226,65 @@ class JobSummary:
     seconds: float
     runner: str = "local"
     runner_reason: str = ""
+    duplicates_removed: int = 0  # rows of an image written twice (by a crash mid-retry), newest kept
+    set_aside: list[str] = field(default_factory=list)  # unreadable parts moved to OUT/corrupt
 
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds else 0.0
 
 
-def plan(items: list[SourceItem], out: Path, resume: bool, retry_failed: bool) -> tuple[list[SourceItem], set[str]]:
-    """The items still to process, and the ids whose error rows they will replace."""
+def plan(items: list[SourceItem], out: Path, resume: bool, retry_failed: bool) -> tuple[list[SourceItem], set[str], int]:
+    """The items still to process, the ids whose error rows they will replace, and how many
+    duplicate rows (an image written twice) were found and removed."""
     if not (resume or retry_failed):
-        existing = statuses(out)
+        existing = row_count(out)
         if existing:
-            raise FileExistsError(f"{out} already holds {len(existing)} rows; pass --resume to complete it, "
+            raise FileExistsError(f"{out} already holds {existing} rows; pass --resume to complete it, "
                                   "--retry-failed to redo its errors, or choose another --out")
-        return items, set()
-    reconcile(out)
+        return items, set(), 0
+    duplicates = reconcile(out)
     done = statuses(out)
     retry = {i for i, s in done.items() if s == ERROR} if retry_failed else set()
-    return [it for it in items if it.image_id not in done or it.image_id in retry], retry
+    return [it for it in items if it.image_id not in done or it.image_id in retry], retry, duplicates
 
 
 def run_caption(cfg: JobConfig, source: Source, resume: bool = False, retry_failed: bool = False,
-                progress: bool = True) -> JobSummary:
+                progress: bool = True, force_resume: bool = False) -> JobSummary:
+    """Caption ``source`` into ``cfg.out``: one row per item. The folder is locked for the job;
+    unreadable parts are set aside; a resume must match the source, model, detector and config
+    that wrote the folder (``force_resume`` overrides)."""
     if not cfg.out:
         raise ValueError("a caption job needs an output folder (out)")
     cfg = job_for_source(cfg, source)
     out = Path(cfg.out)
-    todo, replacing = plan(source.items, out, resume, retry_failed)
-    runner, reason = choose_runner(cfg.runner, len(todo))
-    counts: dict[str, int] = {}
-    n_regions, t0 = 0, time.perf_counter()
-    bar = _bar(progress, len(todo))
-    with ParquetSink(out, cfg.rows_per_part) as sink:
-        for table in (RUNNER_ROWS[runner](todo, cfg) if todo else []):
-            sink.write(table)
-            for status, n in zip(*_value_counts(table.column("status"))):
-                counts[status] = counts.get(status, 0) + n
-            n_regions += pc.sum(table.column("num_regions")).as_py() or 0
-            if bar is not None:
-                bar.update(table.num_rows)
-                bar.set_postfix(regions=n_regions, errors=counts.get(ERROR, 0))
-    if bar is not None:
-        bar.close()
-    if replacing:
-        reconcile(out)  # the new rows of retried images replace their old error rows
-    seconds = time.perf_counter() - t0
-    summary = JobSummary(str(out), len(source.items), len(source.items) - len(todo), len(todo), counts, n_regions,
-                         seconds, runner, reason)
-    write_manifest(out, cfg, summary)
+    with OutputLock(out):
+        set_aside = [str(p) for p in set_aside_corrupt_parts(out)]
+        prints = job_fingerprints(cfg)
+        if (resume or retry_failed) and not force_resume:
+            check_resume(out, cfg, prints)
+        todo, replacing, duplicates = plan(source.items, out, resume, retry_failed)
+        runner, reason = choose_runner(cfg.runner, len(todo))
+        counts: dict[str, int] = {}
+        n_regions, t0 = 0, time.perf_counter()
+        bar = _bar(progress, len(todo))
+        with ParquetSink(out, cfg.rows_per_part) as sink:
+            for table in (RUNNER_ROWS[runner](todo, cfg) if todo else []):
+                sink.write(table)
+                for status, n in zip(*_value_counts(table.column("status"))):
+                    counts[status] = counts.get(status, 0) + n
+                n_regions += pc.sum(table.column("num_regions")).as_py() or 0
+                if bar is not None:
+                    bar.update(table.num_rows)
+                    bar.set_postfix(regions=n_regions, errors=counts.get(ERROR, 0))
+        if bar is not None:
+            bar.close()
+        if replacing:
+            reconcile(out)  # the new rows of retried images replace their old error rows
+        seconds = time.perf_counter() - t0
+        summary = JobSummary(str(out), len(source.items), len(source.items) - len(todo), len(todo), counts,
+                             n_regions, seconds, runner, reason, duplicates, set_aside)
+        write_manifest(out, cfg, summary, prints)
     return summary
 
 
@@ -253,27 +318,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(out: Path, cfg: JobConfig, summary: JobSummary) -> None:
+def write_manifest(out: Path, cfg: JobConfig, summary: JobSummary, prints: dict) -> None:
     totals: dict[str, int] = {}
     all_status = statuses(out)
     for s in all_status.values():
         totals[s] = totals.get(s, 0) + 1
-    from .fingerprint import fingerprints
-
-    config = cfg.resolved().to_dict()
-    prov = provenance(cfg)
-    # what changes the answers: the weights and the pipeline's settings (not where the job ran)
-    answering = {k: config[k] for k in ("compose", "engine", "postprocess", "max_pixels")}
-    answering["model"] = {k: config["model"][k] for k in ("spec", "dtype")}
     manifest = {
-        "schema": SCHEMA_VERSION, "config": config,
-        "fingerprints": fingerprints(prov.model, cfg.model.spec, prov.detector.split(":", 1)[-1],
-                                     cfg.detector.spec, answering),
-        "versions": package_versions(),
-        "python": platform.python_version(), "rows": len(all_status), "counts": totals,
+        "schema": SCHEMA_VERSION, "config": cfg.resolved().to_dict(), "fingerprints": prints,
+        "versions": package_versions(), "python": platform.python_version(), "rows": len(all_status),
+        "counts": totals,
         "last_run": {"runner": summary.runner, "runner_reason": summary.runner_reason,
                      "processed": summary.processed, "skipped": summary.skipped, "counts": summary.counts,
                      "regions": summary.regions, "seconds": round(summary.seconds, 3),
+                     "duplicates_removed": summary.duplicates_removed, "parts_set_aside": summary.set_aside,
                      "driver_peak_rss_mib": round(_peak_rss_mib(), 1)},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())

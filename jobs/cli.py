@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-pairs", type=int, default=None, help="relation questions per image (0: none; default 8)")
     caption.add_argument("--rows-per-part", type=int, default=None, help="rows per Parquet part file (default 500)")
     caption.add_argument("--resume", action="store_true", help="skip images already written in --out")
+    caption.add_argument("--force-resume", action="store_true",
+                         help="resume even though --out was written from another source, model, detector or config")
+    caption.add_argument("--root", default=None,
+                         help="the folder every path named in a manifest or COCO file must lie under "
+                              "(default: that file's folder)")
+    caption.add_argument("--max-bytes", type=int, default=None,
+                         help="refuse image files larger than this many bytes (default 268435456)")
     caption.add_argument("--retry-failed", action="store_true", help="reprocess images whose rows are errors")
     caption.add_argument("--runner", choices=("auto", "ray", "local"), default=None,
                          help="auto (the default): in process for a small job with no cluster address, else Ray")
@@ -269,6 +276,7 @@ def job_overrides(args) -> dict:
     put("detector.spec", args.detector)
     put("detector.device", args.device)
     put("batch_size", args.batch_size)
+    put("max_bytes", getattr(args, "max_bytes", None))
     put("engine.max_new_tokens", args.max_new_tokens)
     put("postprocess.score_threshold", args.score_threshold)
     put("postprocess.max_regions", args.max_regions)
@@ -315,10 +323,16 @@ def cmd_caption(args) -> int:
         source, pid = pull_source(client, args.from_label_studio, cfg.out, args.document_root, args.ls_boxes)
         push_url, args.project = cfg.source, str(pid)
     else:
-        source = open_source(cfg.source)
+        source = open_source(cfg.source, root=args.root)
     if push_url and not args.project:
         raise SourceError("--to-label-studio needs --project")
-    summary = run_caption(cfg, source, resume=args.resume, retry_failed=args.retry_failed)
+    summary = run_caption(cfg, source, resume=args.resume or args.force_resume, retry_failed=args.retry_failed,
+                          force_resume=args.force_resume)
+    for part in summary.set_aside:
+        print(f"roiscribe caption: set aside an unreadable part file (its images were redone): {part}", file=sys.stderr)
+    if summary.duplicates_removed:
+        print(f"roiscribe caption: {summary.duplicates_removed} duplicate rows found (an image written twice); "
+              "the newest of each was kept", file=sys.stderr)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())) or "nothing new"
     print(f"{summary.processed} images processed ({counts}), {summary.skipped} already done; "
           f"{summary.regions} regions; {summary.images_per_s:.2f} images/s; {summary.runner_reason}; "
@@ -527,10 +541,11 @@ COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluat
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 the command ran and something failed (a push with rejected rows, or an
     unexpected error, shown with its traceback); 2 unusable arguments or config (a message only)."""
-    from jobs.caption import ResourceError
+    from jobs.caption import ResourceError, ResumeMismatchError
     from jobs.sources import SourceError
     from model.configfile import ConfigError
     from sinks.label_studio.errors import LabelStudioError
+    from sinks.parquet import OutputLockedError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -539,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError, SourceError, ResourceError, FileExistsError) as e:
+    except (UsageError, ConfigError, SourceError, ResourceError, ResumeMismatchError, OutputLockedError,
+            FileExistsError) as e:
         print(f"roiscribe {args.command}: {e}", file=sys.stderr)
         return 2
     except LabelStudioError as e:  # the server refused, or could not be reached: its message says which

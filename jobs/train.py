@@ -1,5 +1,5 @@
-"""Training through Ray Train: the same ``model.train.train`` loop on every worker, DDP (or FSDP
-with ``fsdp = true`` in the config) set up by Ray's ``TorchTrainer``. In process on one machine,
+"""Training through Ray Train: the same ``model.train.train`` loop on every worker, DDP set up by
+Ray's ``TorchTrainer``. In process on one machine,
 or on a cluster (``--address`` / ``RAY_ADDRESS``) whose workers share the output folder.
 """
 

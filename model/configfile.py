@@ -55,7 +55,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     kwargs = {name: _value(hints[name], value, _at(where, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # a missing option, or a value the config's own checks refuse
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from model.config import EngineConfig
 
 from .compose import ComposeConfig, Instruction, compose
-from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_image
+from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, decode_image
 from .parse import parse_attribute, parse_caption, parse_relation
 from .postprocess import PostProcess, postprocess
 from .records import ERROR, OK, Answer, ImageResult, RelationAnswer
@@ -32,13 +32,13 @@ class PipelineConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     postprocess: PostProcess | None = field(default_factory=PostProcess)  # None: the detector's raw boxes
     batch_size: int = 8  # images per detect / describe batch
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded size limit (decompression bombs)
+    max_bytes: int = DEFAULT_MAX_BYTES  # file size limit, checked before a file is read
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        for name in ("batch_size", "max_pixels", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def decode_stage(sources: Sequence[ImageSource], config: PipelineConfig) -> list[ImageResult]:
@@ -47,7 +47,7 @@ def decode_stage(sources: Sequence[ImageSource], config: PipelineConfig) -> list
     for source in sources:
         t = time.perf_counter()
         try:
-            image = decode_image(source, config.max_pixels)
+            image = decode_image(source, config.max_pixels, config.max_bytes)
         except ImageDecodeError as e:
             out.append(ImageResult(source.image_id or source.uri, source.uri, ERROR, f"decode: {e}"))
             continue

@@ -2,8 +2,10 @@
 
 Layout of an output folder::
 
-    OUT/data/part-000001-1a2b3c4d.parquet   rows, written whole or not at all (tmp + rename)
-    OUT/manifest.json                       schema version, config, versions, counts
+    OUT/data/part-000001-1a2b3c4d.parquet   rows, written whole or not at all (tmp, fsync, rename)
+    OUT/manifest.json                       schema version, config, versions, counts (written atomically)
+    OUT/.lock                               held by the one job writing the folder (who, since when)
+    OUT/corrupt/                            parts found unreadable (e.g. 0 bytes after a power loss), set aside
 
 The schema and the record <-> row conversion live beside the records, in ``pipeline.arrow``.
 """
@@ -20,7 +22,82 @@ import pyarrow.parquet as pq
 
 from pipeline.arrow import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "ParquetSink", "part_files", "read_rows", "reconcile", "remove_ids", "statuses"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "OutputLock", "OutputLockedError", "ParquetSink", "part_files", "read_rows",
+           "reconcile", "remove_ids", "set_aside_corrupt_parts", "statuses", "write_atomic"]
+LOCK_FILE = ".lock"
+CORRUPT_DIR = "corrupt"
+
+
+class OutputLockedError(RuntimeError):
+    """Another job is writing the same output folder."""
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for the life of a job (``fcntl.flock`` on ``OUT/.lock``,
+    released by the kernel if the process dies). The file says who holds it, so a second job is
+    refused with the holder's pid, host, command and start time."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+        import json
+        import socket
+        import sys
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(f"{self.path.parent} is being written by another job ({holder}); wait for it "
+                                    "to finish or choose another --out") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole or keeps its old content: a unique tmp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_part(table: pa.Table, target: Path) -> None:
+    """A part file whole or not at all, durable once renamed (fsync of the file, then the folder)."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 class ParquetSink:
@@ -62,10 +139,7 @@ class ParquetSink:
 
     def _flush(self, rows: pa.Table) -> None:
         seq = next_part_number(self.data)
-        name = f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.data / f".{name}.tmp"
-        pq.write_table(rows, tmp)
-        os.replace(tmp, self.data / name)  # atomic: a part exists whole or not at all
+        _write_part(rows, self.data / f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet")
         self.written += rows.num_rows
 
 
@@ -88,9 +162,32 @@ def read_rows(out: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def statuses(out: str | Path) -> dict[str, str]:
-    """image_id -> status of the rows already written (reads two columns only)."""
+    """image_id -> status of the rows already written (reads two columns only; where an id has
+    several rows, the newest part's)."""
     table = read_rows(out, ["image_id", "status"])
     return dict(zip(table.column("image_id").to_pylist(), table.column("status").to_pylist()))
+
+
+def row_count(out: str | Path) -> int:
+    """Rows in the output folder's parts (from the footers, nothing else read)."""
+    return sum(pq.read_metadata(p).num_rows for p in part_files(out))
+
+
+def set_aside_corrupt_parts(out: str | Path) -> list[Path]:
+    """Move parts whose footer or schema cannot be read (a 0-byte file after a power loss, a
+    truncated copy) to ``OUT/corrupt/``; their images count as not done. Returns the new paths."""
+    moved = []
+    for part in part_files(out):
+        try:
+            names = pq.read_metadata(part).schema.names
+            if "image_id" not in names or "status" not in names:
+                raise ValueError("not a roiscribe part")
+        except Exception:  # noqa: BLE001 -- whatever pyarrow raises for a broken file
+            target = Path(out) / CORRUPT_DIR / part.name
+            target.parent.mkdir(exist_ok=True)
+            os.replace(part, target)
+            moved.append(target)
+    return moved
 
 
 def reconcile(out: str | Path) -> int:
@@ -118,7 +215,5 @@ def _rewrite_parts(out: str | Path, keep_row) -> int:
         if all(keep):
             continue
         removed += keep.count(False)
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(table.filter(pa.array(keep)), tmp)
-        os.replace(tmp, part)
+        _write_part(table.filter(pa.array(keep)), part)
     return removed

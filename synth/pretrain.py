@@ -51,12 +51,9 @@ class PretrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "PretrainConfig":
         """TOML or JSON; ``world`` is relative to the file, ``out`` and ``init`` to the working directory."""
-        from model.train import read_config_file
+        from model.train import config_from_file
 
-        raw = read_config_file(path, cls, "pretraining")
-        if "world" in raw:
-            raw["world"] = str(Path(path).parent / raw["world"])  # absolute paths stay absolute
-        return cls(**raw)
+        return config_from_file(cls, path, relative=("world",))
 
 
 class Heads(torch.nn.Module):

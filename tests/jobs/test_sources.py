@@ -1,10 +1,16 @@
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.sources import SourceError, open_source
+from jobs.sources import SourceError, file_uri, open_source
+
+
+def real(p) -> str:
+    return os.path.realpath(p)
 
 
 def test_folder_glob_manifests_and_coco(tmp_path):
@@ -13,20 +19,69 @@ def test_folder_glob_manifests_and_coco(tmp_path):
         (tmp_path / "imgs" / name).write_bytes(b"x")
     (tmp_path / "imgs" / ".hidden").write_bytes(b"x")
     folder = open_source(str(tmp_path / "imgs"))
-    assert [i.image_id for i in folder.items] == ["a.png", "notes.txt", "sub/b.jpg"]  # every file gets a row
-    assert [i.image_id for i in open_source(str(tmp_path / "imgs"), include_all_files=False).items] == ["a.png", "sub/b.jpg"]
-    assert [i.uri for i in open_source(str(tmp_path / "imgs" / "**" / "*.jpg")).items] == [str(tmp_path / "imgs/sub/b.jpg")]
+    imgs = real(tmp_path / "imgs")
+    assert [i.image_id for i in folder.items] == [f"{imgs}/a.png", f"{imgs}/notes.txt", f"{imgs}/sub/b.jpg"]
+    assert all(i.uri == i.image_id for i in folder.items)  # every file gets a row
+    assert [i.image_id for i in open_source(str(tmp_path / "imgs"), include_all_files=False).items] == [
+        f"{imgs}/a.png", f"{imgs}/sub/b.jpg"]
+    assert [i.uri for i in open_source(str(tmp_path / "imgs" / "**" / "*.jpg")).items] == [f"{imgs}/sub/b.jpg"]
 
-    (tmp_path / "m.csv").write_text("path,image_id\nimgs/a.png,A\n/abs/x.png,X\n")
+    (tmp_path / "m.csv").write_text("path,image_id\nimgs/a.png,A\nimgs/sub/b.jpg,B\n")
     items = open_source(str(tmp_path / "m.csv")).items
-    assert [(i.image_id, i.uri) for i in items] == [("A", str(tmp_path / "imgs/a.png")), ("X", "/abs/x.png")]
+    assert [(i.image_id, i.uri) for i in items] == [("A", f"{imgs}/a.png"), ("B", f"{imgs}/sub/b.jpg")]
     pq.write_table(pa.table({"uri": ["imgs/a.png", "imgs/sub/b.jpg"]}), tmp_path / "m.parquet")
-    assert [i.image_id for i in open_source(str(tmp_path / "m.parquet")).items] == [
-        str(tmp_path / "imgs/a.png"), str(tmp_path / "imgs/sub/b.jpg")]
+    assert [i.image_id for i in open_source(str(tmp_path / "m.parquet")).items] == [f"{imgs}/a.png", f"{imgs}/sub/b.jpg"]
 
     (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 7, "file_name": "imgs/a.png"}], "annotations": []}))
     coco = open_source(str(tmp_path / "c.json"))
     assert coco.kind == "coco" and coco.coco == tmp_path / "c.json" and coco.items[0].image_id == "7"
+
+
+def test_ids_do_not_depend_on_how_the_source_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "sub" / "x.png").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["data", "./data", str(tmp_path / "data"), "link", "data/sub", "data/*/*.png", str(tmp_path / "data/**/*.png")]
+    ids = {s: [i.image_id for i in open_source(s).items] for s in spellings}
+    assert all(v == [real(tmp_path / "data/sub/x.png")] for v in ids.values()), ids
+    monkeypatch.chdir(tmp_path / "data")
+    assert [i.image_id for i in open_source("sub").items] == [real(tmp_path / "data/sub/x.png")]
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_id_column(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "m.csv").write_bytes("\ufeffimage_id,uri\nA,a.png\n".encode("utf-8"))
+    assert [(i.image_id, i.uri) for i in open_source(str(tmp_path / "m.csv")).items] == [("A", real(tmp_path / "a.png"))]
+
+
+def test_paths_inside_input_files_stay_under_the_root(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (tmp_path / "ds" / "m.csv").write_text("uri\n../secret.png\n")
+    with pytest.raises(SourceError, match="outside .*--root"):
+        open_source(str(tmp_path / "ds" / "m.csv"))
+    assert open_source(str(tmp_path / "ds" / "m.csv"), root=tmp_path).items[0].uri == real(tmp_path / "secret.png")
+    (tmp_path / "ds" / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "/etc/passwd"}]}))
+    with pytest.raises(SourceError, match="outside"):
+        open_source(str(tmp_path / "ds" / "c.json"))
+    (tmp_path / "ds" / "r.csv").write_text("uri\nhttps://example.com/a.png\n")
+    with pytest.raises(SourceError, match="remote image 'https://example.com/a.png'.*local files only"):
+        open_source(str(tmp_path / "ds" / "r.csv"))
+    with pytest.raises(SourceError, match="remote"):
+        open_source("s3://bucket/images/")
+
+
+def test_names_that_are_not_utf8_become_file_uris(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    (tmp_path / name).write_bytes(b"x")
+    (item,) = open_source(str(tmp_path)).items
+    assert item.uri.startswith("file://") and "%E9" in item.uri
+    item.uri.encode("utf-8")  # fits a Parquet string
+    from pipeline.decode import read_file
+
+    assert read_file(item.uri) == b"x"  # and names the same file
+    assert file_uri(tmp_path / "plain.png") == real(tmp_path / "plain.png")
 
 
 @pytest.mark.parametrize("make, message", [

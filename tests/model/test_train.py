@@ -158,3 +158,20 @@ def test_box_jitter_moves_boxes_a_little_inside_the_image_and_is_seeded(world, t
     assert all(torch.equal(a, b) for a, b in zip(jittered[0], jittered[1]))  # same seed, same noise
     diff = torch.cat([(a - b).abs().flatten() for a, b in zip(plain, jittered[0])])
     assert 0 < diff.max() < 0.1 and diff.mean() > 1e-4
+
+
+def test_config_files_refuse_unknown_keys_and_read_data_relative_to_the_file(tmp_path):
+    from model.configfile import ConfigError
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    path = folder / "train.toml"
+    path.write_text('data = ["world/a.jsonl", "/abs/b.jsonl"]\ninit = "random:tiny"\nmax_steps = 3\n')
+    cfg = TrainConfig.from_file(path)
+    assert cfg.data == [str(folder / "world/a.jsonl"), "/abs/b.jsonl"] and cfg.max_steps == 3
+    path.write_text('data = ["a.jsonl"]\nmax_step = 3\n')
+    with pytest.raises(ConfigError, match="unknown option max_step; valid options of train.toml: .*max_steps"):
+        TrainConfig.from_file(path)
+    path.write_text('fsdp = true\n')
+    with pytest.raises(ConfigError, match="fsdp = true is not supported"):
+        TrainConfig.from_file(path)

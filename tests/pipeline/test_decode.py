@@ -92,3 +92,76 @@ def test_non_images_are_reported_after_ultralytics_patched_pil():
 
     with pytest.raises(ImageDecodeError, match="not an image file"):
         decode_image(ImageSource("x.bin", b"\x00\x01\x02 definitely not an image"))
+
+
+FUZZ_FORMATS = ("PNG", "JPEG", "TIFF", "GIF", "BMP", "WEBP", "ICO", "PPM", "TGA", "SPIDER", "DDS", "PCX", "IM",
+                "SGI", "EPS", "MSP", "XBM")
+
+
+def _seed_files() -> list[bytes]:
+    files = []
+    for fmt in FUZZ_FORMATS:
+        im = rgb(12, 16).convert("L") if fmt in ("SPIDER", "MSP", "XBM") else rgb(12, 16)
+        if fmt == "MSP" or fmt == "XBM":
+            im = im.convert("1")
+        try:
+            files.append(encode(im, fmt))
+        except (OSError, KeyError, ValueError):  # a format this Pillow build cannot write
+            continue
+    return files
+
+
+def test_decoder_fuzz_raises_only_decode_errors():
+    """Seeded mutations of small images in many formats (byte flips, truncations, spliced
+    headers): decoding returns an RGB array or raises ImageDecodeError, nothing else. Pillow
+    raises TypeError, AttributeError, NotImplementedError, struct.error... for some of them."""
+    rs = np.random.RandomState(1234)
+    seeds = _seed_files()
+    assert len(seeds) >= 12
+    outcomes = {"ok": 0, "error": 0}
+    for k in range(1500):
+        data = bytearray(seeds[k % len(seeds)])
+        kind = rs.randint(4)
+        if kind == 0:  # flip bytes, mostly in the header
+            for _ in range(rs.randint(1, 8)):
+                data[min(int(rs.exponential(40)), len(data) - 1)] = rs.randint(256)
+        elif kind == 1:  # truncate
+            data = data[: rs.randint(1, len(data))]
+        elif kind == 2:  # another format's header on this body
+            other = seeds[rs.randint(len(seeds))]
+            cut = rs.randint(1, min(64, len(other)))
+            data = bytearray(other[:cut]) + data[cut:]
+        else:  # overwrite a run with random bytes
+            start = rs.randint(len(data))
+            data[start:start + 16] = rs.randint(0, 256, 16).astype(np.uint8).tobytes()
+        try:
+            d = decode_image(ImageSource(f"fuzz{k}", bytes(data)), max_pixels=1_000_000)
+            assert d.array.ndim == 3 and d.array.shape[2] == 3 and d.array.dtype == np.uint8
+            outcomes["ok"] += 1
+        except ImageDecodeError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 100 and outcomes["ok"] > 100, outcomes
+
+
+def test_fifos_and_oversized_files_are_refused_unread(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def decode():
+        with pytest.raises(ImageDecodeError, match="not a regular file"):
+            decode_image(ImageSource(str(fifo)))
+        done.set()
+
+    threading.Thread(target=decode, daemon=True).start()
+    assert done.wait(10), "decoding a FIFO blocked"
+    big = tmp_path / "big.png"
+    big.write_bytes(encode(rgb(), "PNG") + b"\0" * 5000)
+    with pytest.raises(ImageDecodeError, match="over the limit of 1000 bytes"):
+        decode_image(ImageSource(str(big)), max_bytes=1000)
+    with pytest.raises(ImageDecodeError, match="over the limit of 1000 bytes"):
+        decode_image(ImageSource("b", big.read_bytes()), max_bytes=1000)
+    assert decode_image(ImageSource(str(big))).width == 60
