@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from pipeline.arrow import SCHEMA_VERSION, Provenance, from_table, to_table
 from pipeline.decode import ImageSource
 from pipeline.postprocess import PostProcess
-from pipeline.records import ERROR
+from pipeline.records import ERROR, ImageResult
 from pipeline.stages import decode_stage, describe_stage, detect_stage
 from sinks.parquet import (OutputLock, ParquetSink, reconcile, row_count, set_aside_corrupt_parts, statuses,
                            write_atomic)
@@ -185,22 +185,49 @@ def check_resources(runner: RunnerConfig, resources: dict, batches: int = 1) -> 
     return actors, gpus
 
 
+WORKER_DIED = ("{stage}: the Ray worker processing this image died {times} times (a crash or out of memory in the "
+               "decoder, detector or model); the image was retried alone and written as an error so the job could finish")
+
+
 def rows_on_ray(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
+    """Rows of every item. A batch whose actor keeps dying (a crash or out-of-memory on some input)
+    is dropped after ``runner.max_task_retries``; its images are tried again one at a time, and
+    those that still kill their worker become error rows: one bad input never fails the job."""
+    from .ray_cluster import connect
+
+    connect(cfg.runner.address)
+    seen: set[str] = set()
+    for table in _ray_pass(items, cfg):
+        seen.update(table.column("image_id").to_pylist())
+        yield table
+    lost = [it for it in items if it.image_id not in seen]
+    if lost:  # alone, so that only the images that kill a worker are lost
+        for table in _ray_pass(lost, replace(cfg, batch_size=1)):
+            seen.update(table.column("image_id").to_pylist())
+            yield table
+    dead = [it for it in items if it.image_id not in seen]
+    if dead:
+        reason = WORKER_DIED.format(stage="describe" if not cfg.runner.detect_actors else "detect or describe",
+                                    times=cfg.runner.max_task_retries + 1)
+        yield to_table([ImageResult(it.image_id, it.uri, ERROR, reason) for it in dead], provenance(cfg))
+
+
+def _ray_pass(items: list[SourceItem], cfg: JobConfig) -> Iterator[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .ray_cluster import connect
-
     runner = cfg.runner
-    connect(runner.address)
     batches = -(-len(items) // cfg.batch_size)
     actors, gpus = check_resources(runner, ray.cluster_resources(), batches)
     # Dispatch only once the whole pool is up: otherwise the actor that loads its model first is
     # handed every batch of a short job, and a pool that can never start fails instead of waiting.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = runner.actor_start_timeout_s
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = runner.actor_start_timeout_s
+    ctx.max_errored_blocks = -1  # a batch that kills its actor every time is dropped, not the whole job
     ds = ray.data.from_items([{"image_id": i.image_id, "uri": i.uri} for i in items],
                              override_num_blocks=max(1, len(items) // cfg.batch_size))
-    common = dict(batch_size=cfg.batch_size, batch_format="pyarrow")
+    common = dict(batch_size=cfg.batch_size, batch_format="pyarrow", max_restarts=runner.max_restarts,
+                  max_task_retries=runner.max_task_retries)
     if runner.detect_actors:
         ds = ds.map_batches(DetectActor, fn_constructor_args=(cfg,), num_cpus=runner.detect_cpus,
                             compute=ActorPoolStrategy(size=runner.detect_actors), **common)

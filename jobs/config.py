@@ -114,6 +114,8 @@ class RunnerConfig:
     detect_actors: int = 0  # 0: decode and detect inside the describe actors (one pool); N: a pool of N
     detect_cpus: float = 0.5
     actor_start_timeout_s: int = 1800  # batches go out once every actor of a pool is up (or fail after this)
+    max_restarts: int = 3  # times Ray restarts an actor that died (a crash, out of memory)
+    max_task_retries: int = 2  # times a batch whose actor died is tried again before its images become error rows
 
     def actors(self, resources: dict, batches: int) -> tuple[int, float]:
         """(describe actors, GPUs per describe actor) for a cluster's resources and a job of

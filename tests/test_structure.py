@@ -93,3 +93,17 @@ def test_benchmarks_run_from_a_checkout_without_path_edits():
         tree = ast.parse(path.read_text())
         assert not [m for m, *_ in imported(tree) if m.split(".")[0] == "tests"], f"{path.name} imports tests"
         assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+
+
+def test_torch_is_required_at_a_version_whose_weights_only_load_is_safe():
+    """torch.load(weights_only=True) is a full unpickle before torch 2.6 (CVE-2025-32434); every
+    .pt/.bin roiscribe loads relies on it being safe."""
+    import re
+
+    import torch
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(r"torch\s*[><=]", d)]
+    low = tuple(int(x) for x in re.search(r">=\s*(\d+)\.(\d+)", spec).groups())
+    assert low >= (2, 6), spec
+    assert tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
