@@ -13,6 +13,7 @@ import json
 import posixpath
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,18 +32,21 @@ class GivenBoxes:
 
     name = NAME
 
-    def __init__(self, mapping: Mapping[str, Regions] | None = None):
-        self.mapping: dict[str, Regions] = dict(mapping or {})
+    def __init__(self, mapping: Mapping[str, "Regions | BadBoxes"] | None = None):
+        self.mapping: dict[str, Regions | BadBoxes] = dict(mapping or {})
         for key, regions in self.mapping.items():
-            if not isinstance(regions, Regions):
+            if not isinstance(regions, (Regions, BadBoxes)):
                 raise TypeError(f"GivenBoxes: the value for key {key!r} is a {type(regions).__name__}, expected "
                                 f"Regions; build one with Regions.from_boxes([[x1, y1, x2, y2], ...])")
 
     def lookup(self, image_id: str, uri: str = "") -> Regions:
-        """The boxes of one image: by id, by uri, then by the uri's file name; empty when none match."""
+        """The boxes of one image: by id, by uri, then by the uri's file name; empty when none match.
+        Raises ``ValueError`` for an image whose given boxes are malformed (its error row says why)."""
         for key in (image_id, uri, *_file_names(uri)):
             if key and key in self.mapping:
                 found = self.mapping[key]
+                if isinstance(found, BadBoxes):
+                    raise ValueError(found.reason)
                 return Regions(found.boxes.copy(), found.scores.copy(), found.class_ids.copy(),
                                list(found.class_names), self.name, dict(found.dropped))
         return Regions.empty(self.name)
@@ -65,7 +69,8 @@ class GivenBoxes:
         entries = []
         for image in data.get("images", []):
             anns = per_image.get(image["id"], [])
-            entries.append(([image["file_name"], str(image["id"])], image["file_name"], _coco_regions(anns, names)))
+            entries.append(([image["file_name"], str(image["id"])], image["file_name"],
+                            _coco_regions(anns, names, image["id"])))
         return cls(_index(entries))
 
     @classmethod
@@ -75,15 +80,20 @@ class GivenBoxes:
         Label Studio stores a rectangle in percent of the original image, rotated by ``rotation``
         degrees (clockwise, about its top-left corner); the boxes here are the pixel envelopes.
         Each task uses its last annotation that was not cancelled: a task labelled twice would
-        otherwise repeat every box. Keys: the task's image (``data[image_key]``, by default
-        ``data["image"]`` or the only string in ``data``), its file name, and ``str(task id)``.
+        otherwise repeat every box. Keys: ``task:ID`` (the key a pulled task's image has: exactly
+        that task's boxes), and the task's image (``data[image_key]``, by default ``data["image"]``
+        or the only string in ``data``) and its file name when no other task shows the same image
+        (tasks sharing an image have different boxes: which ones would be a guess). A bare task id
+        is not a key: it could equal another image's id.
         """
         tasks = _read_json(path, list, "a Label Studio JSON export: a list of tasks")
+        images = [_task_image(task, image_key) for task in tasks]
+        shown = Counter(images)
         entries = []
-        for task in tasks:
-            image = _task_image(task, image_key)
-            keys = [image, str(task["id"])] if "id" in task else [image]
-            entries.append((keys, image, _label_studio_regions(task)))
+        for task, image in zip(tasks, images):
+            unique = image if shown[image] == 1 else ""
+            keys = [f"task:{task['id']}"] if "id" in task else []
+            entries.append(([*keys, unique], unique, _label_studio_regions(task)))
         return cls(_index(entries))
 
 
@@ -123,9 +133,28 @@ def _index(entries: Iterable[tuple[list[str], str, Regions]]) -> dict[str, Regio
     return {**unique, **exact}
 
 
-def _coco_regions(anns: list[dict], names: dict[int, str]) -> Regions:
+@dataclass(frozen=True)
+class BadBoxes:
+    """The given boxes of one image could not be read; ``reason`` becomes that image's error row."""
+
+    reason: str
+
+
+def _coco_regions(anns: list[dict], names: dict[int, str], image_id) -> "Regions | BadBoxes":
     if not anns:
         return Regions.empty(NAME)
+    for a in anns:
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            return BadBoxes(f"COCO image {image_id}: annotation {a.get('id') if isinstance(a, dict) else a!r} has "
+                            f"bbox {box!r}; expected [x, y, width, height], four numbers in pixels")
+        score, category = a.get("score", 1.0), a.get("category_id", -1)
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            return BadBoxes(f"COCO image {image_id}: annotation {a.get('id')} has score {score!r}; expected a number")
+        if not isinstance(category, int) or isinstance(category, bool):
+            return BadBoxes(f"COCO image {image_id}: annotation {a.get('id')} has category_id {category!r}; "
+                            "expected an integer")
     xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # x2 = x1 + w
     ids = [a.get("category_id", -1) for a in anns]

@@ -206,3 +206,23 @@ def test_images_that_kill_their_worker_become_error_rows(tmp_path, monkeypatch):
     (dead,) = [r for r in tables[-1].to_pylist()]
     assert dead["image_id"] == "img3" and dead["status"] == "error" and "died 3 times" in dead["error"]
 
+
+
+def test_a_malformed_given_box_is_that_image_error_row(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(4):
+        (folder / f"{k}.png").write_bytes(png((40 * k, 90, 90), (64, 48)))
+    anns = [{"id": 1, "image_id": 0, "category_id": 1, "bbox": ["a", 1, 2, 3]},   # a string coordinate
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},         # three numbers
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 20]},    # fine
+            {"id": 4, "image_id": 3, "category_id": "x", "bbox": [4, 4, 20, 20]}]  # a bad class id
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": k, "file_name": f"imgs/{k}.png"} for k in range(4)],
+                                "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    summary = run_caption(job(coco, tmp_path / "out", batch_size=4), open_source(str(coco)), progress=False)
+    assert summary.counts == {"ok": 1, "error": 3}
+    got = rows(tmp_path / "out")
+    assert got["2"]["status"] == "ok" and got["2"]["num_regions"] == 1
+    assert "annotation 1 has bbox ['a', 1, 2, 3]" in got["0"]["error"] and got["0"]["error"].startswith("detect: ")
+    assert "annotation 2 has bbox [1, 2, 3]" in got["1"]["error"] and "category_id 'x'" in got["3"]["error"]
