@@ -176,15 +176,19 @@ def _task_image(task: dict, image_key: str | None) -> str:
     return strings[0]
 
 
-def _label_studio_regions(task: dict) -> Regions:
+def _label_studio_regions(task: dict) -> "Regions | BadBoxes":
     annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled", False)]
     results = [r for r in (annotations[-1].get("result", []) if annotations else [])
-               if r.get("type") == "rectanglelabels"]
+               if isinstance(r, dict) and r.get("type") == "rectanglelabels"]
     if not results:
         return Regions.empty(NAME)
     from sinks.label_studio.convert import percent_box_to_pixels
 
-    boxes = [percent_box_to_pixels(r, task.get("id")) for r in results]
-    labels = [(r["value"].get("rectanglelabels") or [""])[0] for r in results]
-    return Regions(np.array(boxes), np.ones(len(boxes)), np.full(len(boxes), -1), labels, NAME)
+    try:  # a malformed rectangle (no original_width, a string coordinate...) fails this task only
+        boxes = [percent_box_to_pixels(r, task.get("id")) for r in results]
+        labels = [str((r["value"].get("rectanglelabels") or [""])[0]) for r in results]
+        return Regions(np.array(boxes, dtype=np.float64), np.ones(len(boxes)), np.full(len(boxes), -1), labels, NAME)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return BadBoxes(f"Label Studio task {task.get('id')}: a rectangle cannot be read "
+                        f"({type(e).__name__}: {e})")
 

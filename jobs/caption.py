@@ -296,7 +296,14 @@ def run_caption(cfg: JobConfig, source: Source, resume: bool = False, retry_fail
         n_regions, t0 = 0, time.perf_counter()
         bar = _bar(progress, len(todo))
         with ParquetSink(out, cfg.rows_per_part) as sink:
-            for table in (RUNNER_ROWS[runner](todo, cfg) if todo else []):
+            failed = [it for it in todo if it.error]  # items that arrive as errors: their rows, written here
+            if failed:
+                sink.write(to_table([ImageResult(it.image_id, it.uri, ERROR, it.error) for it in failed], provenance(cfg)))
+                counts[ERROR] = counts.get(ERROR, 0) + len(failed)
+                if bar is not None:
+                    bar.update(len(failed))
+            readable = [it for it in todo if not it.error]
+            for table in (RUNNER_ROWS[runner](readable, cfg) if readable else []):
                 sink.write(table)
                 for status, n in zip(*_value_counts(table.column("status"))):
                     counts[status] = counts.get(status, 0) + n

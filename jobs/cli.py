@@ -24,7 +24,9 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
     p.add_argument("--document-root", default=None,
                    help="the folder Label Studio serves as local files (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")
     p.add_argument("--url-prefix", default=None, help="with --images url: prefix + the path under --document-root")
-    p.add_argument("--model-version", default=None, help="prediction model_version (default: from the output's provenance)")
+    p.add_argument("--model-version", default=None,
+                   help="prediction model_version (default: from the output's manifest: roiscribe version, model and "
+                        "detector names with fingerprints of their weights, and of the answering config)")
     p.add_argument("--chunk-size", type=int, default=500, help="tasks per import request")
     p.add_argument("--retries", type=int, default=5,
                    help="read retries (exponential backoff from 1 s) while the server is unreachable")
@@ -136,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="push a caption output into Label Studio as tasks with predictions")
     push.add_argument("out", type=Path, help="a `roiscribe caption` output folder")
-    push.add_argument("--url", required=True, help="the Label Studio server, e.g. http://127.0.0.1:8080")
-    _add_label_studio_args(push, project_required=True)
+    push.add_argument("--url", default=None, help="the Label Studio server, e.g. http://127.0.0.1:8080")
+    _add_label_studio_args(push, project_required=False)
+    push.add_argument("--task-files", type=Path, default=None, metavar="DIR",
+                      help="instead of importing: write the tasks with their predictions as JSON files of "
+                           "--chunk-size tasks (and labeling-config.xml) into DIR, for a storage sync to import")
 
     backend = sub.add_parser("ml-backend", help="serve the engine as a Label Studio ML backend (draw a box, get its description)")
     backend.add_argument("--host", default="127.0.0.1")
@@ -148,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument("--label-studio-url", default=None, help="the server whose uploaded images tasks point at")
     backend.add_argument("--document-root", default=None, help="the server's local-files document root")
     backend.add_argument("--model-version", default="roiscribe-interactive")
+    backend.add_argument("--allow-unauthenticated", action="store_true",
+                         help="serve beyond 127.0.0.1 without basic auth (set ROISCRIBE_ML_BACKEND_USER and "
+                              "ROISCRIBE_ML_BACKEND_PASSWORD instead)")
     _add_model_args(backend, defaults=False)
 
     show = sub.add_parser("show", help="render previews (boxes, labels, captions) and an HTML page of a caption output")
@@ -350,25 +358,34 @@ def _client(url: str, retries: int = 5):
 
 
 def _push(args, out: Path) -> int:
-    from sinks.label_studio import ImageRefs, LabelStudioError, PushConfig, push
-    from sinks.parquet import read_rows
+    """Push a caption output (streamed from its Parquet parts) or write it as task files."""
+    from sinks.label_studio import ImageRefs, LabelStudioError, PushConfig, push, write_task_files
 
-    mode = args.images or ("local-files" if args.document_root else "upload")
+    task_files = getattr(args, "task_files", None)
+    mode = args.images or ("local-files" if args.document_root else "url" if task_files else "upload")
     try:
-        rows = read_rows(out).to_pylist()
-        if not rows:
-            raise LabelStudioError(f"{out} holds no rows to push (run `roiscribe caption` first)")
-        cfg = PushConfig(args.url, args.project, ImageRefs(mode, args.document_root, args.url_prefix),
-                         model_version=args.model_version, chunk_size=args.chunk_size)
-        report = push(rows, cfg, client=_client(args.url, args.retries))
+        images = ImageRefs(mode, args.document_root, args.url_prefix)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if task_files is None and not (args.url and args.project):
+        raise UsageError("push needs --url and --project (or --task-files DIR to write task files instead)")
+    try:
+        if task_files is not None:
+            report = write_task_files(out, task_files, images, args.model_version, args.chunk_size)
+        else:
+            cfg = PushConfig(args.url, args.project, images, model_version=args.model_version,
+                             chunk_size=args.chunk_size)
+            report = push(out, cfg, client=_client(args.url, args.retries))
     except LabelStudioError as e:
         print(f"roiscribe push: {e}", file=sys.stderr)
         return 1
-    print(f"pushed to {args.url}: {report.summary()}")
-    for err in report.rejected[:20]:
-        print(f"  rejected {err.key}: {err.reason}", file=sys.stderr)
-    if len(report.rejected) > 20:
-        print(f"  ... and {len(report.rejected) - 20} more rejected rows", file=sys.stderr)
+    print(f"{'wrote task files to ' + str(task_files) if task_files else 'pushed to ' + args.url}: {report.summary()}")
+    for kind, lines in (("rejected", [f"{e.key}: {e.reason}" for e in report.rejected]),
+                        ("warning", report.warnings())):
+        for line in lines[:20]:
+            print(f"  {kind} {line}", file=sys.stderr)
+        if len(lines) > 20:
+            print(f"  ... and {len(lines) - 20} more ({kind})", file=sys.stderr)
     return 1 if report.rejected else 0
 
 
@@ -380,7 +397,7 @@ def cmd_ml_backend(args) -> int:
     import logging
     import time
 
-    from jobs.ml_backend import BackendConfig, Predictor, serve
+    from jobs.ml_backend import BackendConfig, Predictor, basic_auth_from_env, check_exposure, serve
     from jobs.config import job_from_dict, merge
     from model.configfile import read_config
 
@@ -394,11 +411,18 @@ def cmd_ml_backend(args) -> int:
     _check_model(job.model.spec)
     _check_detector(job.detector.spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    backend = BackendConfig(label_studio_url=args.label_studio_url, document_root=args.document_root,
-                            model_version=args.model_version)
-    server = serve(Predictor(job, backend), args.host, args.port)
-    print(f"roiscribe ML backend on http://{args.host}:{server.server_port} (model {job.model.spec}); "
-          "connect it in Label Studio: project Settings -> Model", flush=True)
+    user, password = basic_auth_from_env()
+    try:  # refused before the model loads
+        backend = BackendConfig(label_studio_url=args.label_studio_url, document_root=args.document_root,
+                                model_version=args.model_version, user=user, password=password)
+        check_exposure(args.host, backend, args.allow_unauthenticated)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    server = serve(Predictor(job, backend), args.host, args.port, allow_unauthenticated=args.allow_unauthenticated)
+    auth = f"basic auth as {user!r}" if user else "NO authentication"
+    print(f"roiscribe ML backend on http://{args.host}:{server.server_port} (model {job.model.spec}; {auth}); "
+          "connect it in Label Studio: project Settings -> Model"
+          + (" with Basic Auth and the same user and password" if user else ""), flush=True)
     try:
         while True:
             time.sleep(3600)

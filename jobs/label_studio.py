@@ -1,6 +1,7 @@
 """Jobs around Label Studio: a project pulled as a caption source (``sinks.label_studio.pull``
 does the work; this wraps its result in the job's ``Source``, and a failed pull in
-``SourceError``: the source could not be opened)."""
+``SourceError``: the source could not be opened). Each task is one item keyed ``task:ID``; a task
+whose image cannot be read is an item with an ``error`` (its error row), not a failed pull."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from jobs.sources import Source, SourceError, SourceItem
 from sinks.label_studio import LabelStudio, LabelStudioError, pull_tasks
-from sinks.label_studio.pull import BOXES
+from sinks.label_studio.pull import BOXES, PulledItem
 
 
 def pull_source(client: LabelStudio, project: str, out: str | Path, document_root: str | None = None,
@@ -22,5 +23,12 @@ def pull_source(client: LabelStudio, project: str, out: str | Path, document_roo
         pulled = pull_tasks(client, project, out, document_root, boxes, progress)
     except LabelStudioError as e:  # no such project, no tasks, server unreachable, token refused
         raise SourceError(str(e)) from None
-    items = [SourceItem(key, uri) for key, uri in pulled.items]
-    return Source(items, "label-studio", given=pulled.given_spec), pulled.project_id
+    items = [_item(p) for p in pulled.items]
+    # boxes annotators drew are kept as drawn (no NMS, duplicate removal or per-image cap)
+    return Source(items, "label-studio", given=pulled.given_spec, drawn=boxes == "annotations"), pulled.project_id
+
+
+def _item(pulled: PulledItem) -> SourceItem:
+    """A task as a source item; one whose image cannot be read carries the reason, which the job
+    writes as the task's error row (the other tasks go on)."""
+    return SourceItem(pulled.key, pulled.uri, pulled.error)

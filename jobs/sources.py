@@ -40,6 +40,7 @@ class SourceError(ValueError):
 class SourceItem:
     image_id: str
     uri: str
+    error: str | None = None  # the item cannot be read at all (e.g. a pulled task without its image): its error row
 
 
 @dataclass

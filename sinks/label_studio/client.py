@@ -12,7 +12,9 @@ failure. Reads are retried here, with exponential backoff, on the connection and
 Plain HTTP (httpx) remains for the two things the SDK has no call for: uploading image files
 (``upload``) and reading a served image's bytes (``download``).
 
-The token is held here and nowhere else; no error message or error attribute includes it.
+The token is held here and nowhere else; no error message or error attribute includes it, raw or
+escaped. A token holding whitespace or a control character (CR, LF, NUL: a newline read from a
+file) is refused before any request, by ``checked_token``, with a message that does not show it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,34 @@ from sinks.label_studio.errors import AuthError, LabelStudioError, UnreachableEr
 TOKEN_VARIABLES = ("LABEL_STUDIO_API_KEY",)  # the SDK reads the same variable
 ONCE = {"max_retries": 0}  # request_options: the SDK sends the request once, whatever happens
 DETAIL_CHARS = 2000  # how much of a server's error answer a message quotes
+_CONTROL_NAMES = {  # what a token must not hold, by name (the token itself is never shown)
+    "\r": "a carriage return (CR)", "\n": "a line feed (LF)", "\0": "a NUL character",
+    "\t": "a tab", " ": "a space"}
 
 
 def api_token(environ: dict | None = None) -> str:
+    """The API token from the environment (``LABEL_STUDIO_API_KEY``), checked by ``checked_token``."""
     env = os.environ if environ is None else environ
     for name in TOKEN_VARIABLES:
         if env.get(name):
-            return env[name]
+            return checked_token(env[name], name)
     raise LabelStudioError(f"no Label Studio API token: set {TOKEN_VARIABLES[0]} (Account & Settings -> "
                            "Access Token in Label Studio)")
+
+
+def checked_token(token: str, where: str = "the Label Studio API token") -> str:
+    """The token, or an error that names what is wrong with it and never shows it, raw or escaped.
+
+    A token never holds whitespace or control characters; one that does is almost always a token
+    read from a file with its newline. Sent as it is, the HTTP layer rejects the header and quotes
+    it escaped (``...\\n``), a form the redaction of the raw token does not catch."""
+    kinds = sorted({_CONTROL_NAMES.get(c, "a control character" if not c.isspace() else "whitespace")
+                    for c in token if c.isspace() or ord(c) < 32 or ord(c) == 127})
+    if kinds:
+        raise LabelStudioError(f"{where} contains {', '.join(kinds)} (often the newline of a file it was read from); "
+                               f"set {TOKEN_VARIABLES[0]} to the token alone. The token is not shown.")
+    return token
+
 
 
 class LabelStudio:
@@ -54,7 +75,7 @@ class LabelStudio:
         from label_studio_sdk.core.parse_error import ParsingError
 
         self.url = url.rstrip("/")
-        self._token = token
+        self._token = checked_token(token)
         self.retries, self.backoff, self.sleep = retries, backoff, sleep
         self._transport_error = httpx.TransportError  # the server did not answer
         self._errors = (httpx.TransportError, ApiError, ParsingError)  # what the SDK and httpx raise
@@ -69,7 +90,12 @@ class LabelStudio:
 
     # errors ---------------------------------------------------------------------------------------
     def _safe(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        """``text`` with the token redacted, raw and in the escaped forms a message may quote it in."""
+        if not self._token:
+            return text
+        for form in (self._token, repr(self._token)[1:-1], json.dumps(self._token)[1:-1]):
+            text = text.replace(form, "***")
+        return text
 
     def _fail(self, what: str, status: int | None, body) -> LabelStudioError:
         if status in (401, 403):
@@ -145,16 +171,29 @@ class LabelStudio:
                    page_size: int = 500) -> Iterator[list[dict]]:
         """The project's tasks, one page at a time (``include``: the task fields to return, e.g.
         ``"id,data,predictions_model_versions"``). Stops when ``total`` tasks were read or a page
-        comes back empty, so a server that caps ``page_size`` is still read to the end."""
-        page, seen = 1, 0
+        comes back empty, so a server that caps ``page_size`` (``TASK_API_PAGE_SIZE_MAX``) is still read
+        to the end; a listing that ends short of ``total`` is an error, never a silent half listing."""
+        page, ids, total = 1, set(), 0
         while True:
-            data = self._read(f"listing tasks of project {pid}", self._sdk.tasks.list, project=pid, page=page,
-                              page_size=page_size, fields=fields, include=include).response
-            tasks = [_plain(t) for t in data.tasks or []]
-            seen += len(tasks)
+            what = f"listing tasks of project {pid}"
+            try:
+                data = self._read(what, self._sdk.tasks.list, project=pid, page=page, page_size=page_size,
+                                  fields=fields, include=include).response
+                raw, total = data.tasks or [], int(data.total or 0)
+            except LabelStudioError as e:
+                if e.status != 404 or page == 1:
+                    raise
+                raw = []  # a page past the end (Django answers 404): the same as an empty page
+            if not raw:
+                if len(ids) < total:  # the listing ended short of the count: never act on half a listing
+                    raise LabelStudioError(f"Label Studio at {self.url} listed {len(ids)} of the {total} tasks it "
+                                           f"counts in project {pid} (tasks added or deleted meanwhile?); run again")
+                return
+            tasks = [t for t in map(_plain, raw) if t["id"] not in ids]  # a task that moved pages comes once
+            ids.update(t["id"] for t in tasks)
             if tasks:
                 yield tasks
-            if not tasks or seen >= int(data.total or 0):
+            if len(ids) >= total:
                 return
             page += 1
 

@@ -13,6 +13,7 @@ attribute choices share the id, and relations link ids.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -108,12 +109,55 @@ def row_to_result(row: dict, spec: ConfigSpec) -> tuple[list[dict], float | None
 
 
 def model_version_of(rows: Sequence[dict]) -> str:
-    """A default model version from the rows' provenance (model, detector, templates)."""
+    """A model version from the rows' provenance (model, detector, templates): the fallback for an
+    output whose manifest has no fingerprints (``model_version_from_manifest``)."""
     if not rows:
         return "roiscribe"
     r = rows[0]
     text = f"roiscribe {Path(str(r.get('model') or '')).name} {Path(str(r.get('detector') or '')).name} {r.get('templates_version') or ''}"
     return " ".join(text.replace(",", " ").split())
+
+
+VERSION_NAME_CHARS = 32  # a spec's readable name in a model version is cut to this
+VERSION_HASH_CHARS = 8  # fingerprint hex digits a model version shows
+
+
+def model_version_from_manifest(manifest: dict | None) -> str | None:
+    """The default model version of a caption output, from its ``manifest.json``: readable names
+    and content fingerprints, e.g. ``roiscribe-0.1.0 model-demo@f7585f5f detector-yolo-best@b7e747e5
+    cfg@f9d86028``. A retrained model with the same file names is a new version; the same weights
+    and answering config are the same version wherever the job ran. None without fingerprints."""
+    fingerprints = (manifest or {}).get("fingerprints") or {}
+    if not all(isinstance(fingerprints.get(k), str) for k in ("model", "detector", "config")):
+        return None
+    config = manifest.get("config") or {}
+    release = (manifest.get("versions") or {}).get("roiscribe")
+    parts = [f"roiscribe-{release}" if release else "roiscribe"]
+    for role in ("model", "detector"):
+        spec = str(((config.get(role) or {}).get("spec")) or role)
+        parts.append(f"{role}-{_spec_name(spec)}@{fingerprints[role][:VERSION_HASH_CHARS]}")
+    parts.append(f"cfg@{fingerprints['config'][:VERSION_HASH_CHARS]}")
+    return " ".join(parts)
+
+
+def _spec_name(spec: str) -> str:
+    """A short readable name for a model or detector spec: ``demo``, ``random-tiny``,
+    ``yolo-best`` (``yolo:/w/best.pt``), ``checkpoint-1500`` (a directory). No spaces or commas
+    (Label Studio splits model versions on commas)."""
+    kind, sep, rest = spec.partition(":")
+    last = Path(rest.rsplit(":", 1)[-1]).stem if sep else ""
+    if sep and kind.isidentifier():
+        name = f"{kind}-{last}" if last and last != kind else kind
+    else:
+        name = Path(spec.rstrip("/")).name or spec
+    return "-".join(name.replace(",", " ").split())[:VERSION_NAME_CHARS] or "unnamed"
+
+
+def row_path(uri: str) -> Path:
+    """The local file a row's ``uri`` names (a path, or a ``file:`` URI for names that are not UTF-8)."""
+    from pipeline.decode import local_path  # imported here: pipeline.decode imports numpy
+
+    return Path(os.fsdecode(local_path(uri)))
 
 
 # Images -------------------------------------------------------------------------------------------
@@ -146,7 +190,7 @@ class ImageRefs:
 
     def relative(self, row: dict) -> str:
         root = Path(self.document_root).resolve()
-        path = Path(row["uri"]).resolve()
+        path = row_path(str(row["uri"])).resolve()
         try:
             rel = path.relative_to(root)
         except ValueError:

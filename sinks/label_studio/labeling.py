@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 IMAGE_FIELD = "image"  # task data: the image the task shows ($image in the config)
 KEY_FIELD = "roiscribe_key"  # task data: the row's image_id, the stable key a task is found by
+SHA_FIELD = "roiscribe_sha256"  # task data: sha256 of the image bytes at push time (a changed image is warned)
 REGION, CAPTION, IMAGE = "region", "caption", "image"  # control / object tag names in the config
 CAPTION_ANSWERS = ("caption", "caption_detailed")  # answers shown as the region's text, not as choices
 

@@ -63,6 +63,8 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    # more settings for the server, e.g. {"TASK_API_PAGE_SIZE_MAX": "100"} (a server that caps pages)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -87,6 +89,7 @@ class Server:
             "USE_DEFAULT_BANNED_SUBNETS": "false",
             "USER_ADDITIONAL_BANNED_SUBNETS": "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,169.254.0.0/16",
         })
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 240.0) -> "Server":

@@ -92,7 +92,7 @@ def test_label_studio_percent_becomes_pixels(tmp_path):
         {"id": 3, "was_cancelled": True, "result": [label_studio_result(0, 0, 1, 1, "skip")]},
     ]}]
     given = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks))
-    regions = given.detect([image("7")])[0]
+    regions = given.detect([image("task:7")])[0]
     # x: 10% of 810 = 81, width 50% = 405; y: 20% of 1080 = 216, height 25% = 270
     np.testing.assert_array_equal(regions.boxes, np.float32([[81, 216, 486, 486], [0, 540, 101.25, 972]]))
     assert regions.class_names == ["bus", "person"] and regions.class_ids.tolist() == [-1, -1]
@@ -103,7 +103,7 @@ def test_label_studio_rotation_gives_the_pixel_envelope(tmp_path):
     # A 100 x 50 px box turned 90 degrees clockwise about its top-left corner (200, 100).
     tasks = [{"id": 1, "data": {"image": "a.jpg"}, "annotations": [
         {"result": [label_studio_result(20, 20, 10, 10, "x", rotation=90, width=1000, height=500)]}]}]
-    regions = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks)).detect([image("1")])[0]
+    regions = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks)).detect([image("task:1")])[0]
     np.testing.assert_allclose(regions.boxes, [[150, 100, 200, 200]], atol=1e-4)
 
 
@@ -117,17 +117,35 @@ def test_label_studio_keys(tmp_path):
     ]
     given = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks))
     found = given.detect([image("?", "/imgs/bus.jpg"), image("?", "/data/upload/3/1a2b3c4d-bus.jpg"),
-                          image("?", "/elsewhere/z.jpg"), image("?", "shots/day 1/z.jpg"), image("2"),
-                          image("3"), image("?", "none.jpg"), image("?", "unknown.jpg")])
-    assert [r.class_names for r in found] == [["bus"], ["bus"], ["z"], ["z"], ["z"], [], [], []]
+                          image("?", "/elsewhere/z.jpg"), image("?", "shots/day 1/z.jpg"), image("task:2"),
+                          image("task:3"), image("?", "none.jpg"), image("?", "unknown.jpg"), image("2")])
+    assert [r.class_names for r in found] == [["bus"], ["bus"], ["z"], ["z"], ["z"], [], [], [], []]
+
+
+def test_label_studio_keys_name_exactly_one_task(tmp_path):
+    """A bare task id is not a key (an image id "2" is not task 2), and an image that two tasks
+    show names neither (their boxes differ): only ``task:ID`` finds each task's own boxes."""
+    tasks = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=a/same.jpg"}, "annotations": [
+            {"result": [label_studio_result(0, 0, 10, 10, "one")]}]},
+        {"id": 2, "data": {"image": "/data/local-files/?d=a/same.jpg"}, "annotations": [
+            {"result": [label_studio_result(0, 0, 10, 10, "two")]}]},
+        {"id": 3, "data": {"image": "/data/local-files/?d=a/own.jpg"}, "annotations": [
+            {"result": [label_studio_result(0, 0, 10, 10, "three")]}]},
+    ]
+    given = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks))
+    found = given.detect([image("task:1", "/root/a/same.jpg"), image("task:2", "/root/a/same.jpg"),
+                          image("1", "/root/a/same.jpg"), image("2"), image("?", "/root/a/own.jpg")])
+    assert [r.class_names for r in found] == [["one"], ["two"], [], [], ["three"]]
 
 
 def test_label_studio_without_sizes_says_what_to_do(tmp_path):
     result = label_studio_result(0, 0, 10, 10, "x")
     del result["original_width"]
     tasks = [{"id": 5, "data": {"image": "a.jpg"}, "annotations": [{"result": [result]}]}]
-    with pytest.raises(ValueError, match="task 5.*original_width.*export"):
-        GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks))
+    given = GivenBoxes.from_label_studio(write_json(tmp_path, "ls.json", tasks))  # the file still loads
+    with pytest.raises(ValueError, match="task 5.*original_width.*export"):  # the task's error row says why
+        given.lookup("task:5")
 
 
 def test_label_studio_ambiguous_image_field(tmp_path):
@@ -135,7 +153,7 @@ def test_label_studio_ambiguous_image_field(tmp_path):
     path = write_json(tmp_path, "ls.json", tasks)
     with pytest.raises(ValueError, match="image_key"):
         GivenBoxes.from_label_studio(path)
-    assert set(GivenBoxes.from_label_studio(path, image_key="b").mapping) == {"y.jpg", "5"}
+    assert set(GivenBoxes.from_label_studio(path, image_key="b").mapping) == {"y.jpg", "task:5"}
 
 
 def test_wrong_or_missing_files(tmp_path):
@@ -145,3 +163,23 @@ def test_wrong_or_missing_files(tmp_path):
         GivenBoxes.from_label_studio(write_json(tmp_path, "coco.json", COCO))
     with pytest.raises(ValueError, match="COCO json object"):
         GivenBoxes.from_coco(write_json(tmp_path, "ls.json", []))
+
+
+def test_a_malformed_label_studio_rectangle_fails_only_its_task():
+    import json as _json
+    import tempfile
+
+    good = {"id": "g", "type": "rectanglelabels", "original_width": 100, "original_height": 50,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["a"]}}
+    no_size = {k: v for k, v in good.items() if k != "original_width"}
+    bad_value = {**good, "value": {**good["value"], "x": "left"}}
+    tasks = [{"id": 1, "data": {"image": "a.png"}, "annotations": [{"result": [good]}]},
+             {"id": 2, "data": {"image": "b.png"}, "annotations": [{"result": [no_size]}]},
+             {"id": 3, "data": {"image": "c.png"}, "annotations": [{"result": [bad_value]}]}]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        _json.dump(tasks, f)
+    given = GivenBoxes.from_label_studio(f.name)
+    assert given.lookup("task:1").boxes.tolist() == [[10.0, 5.0, 30.0, 15.0]]
+    for task in (2, 3):
+        with pytest.raises(ValueError, match=f"Label Studio task {task}: a rectangle cannot be read"):
+            given.lookup(f"task:{task}")

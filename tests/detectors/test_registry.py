@@ -46,7 +46,7 @@ def test_given_specs(tmp_path):
     assert set(build_detector(f"given:coco:{coco}").mapping) == {"x.jpg", "1"}
     ls = tmp_path / "l.json"
     ls.write_text(json.dumps([{"id": 4, "data": {"image": "y.jpg"}, "annotations": []}]))
-    assert set(build_detector(f"given:labelstudio:{ls}").mapping) == {"y.jpg", "4"}
+    assert set(build_detector(f"given:labelstudio:{ls}").mapping) == {"y.jpg", "task:4"}  # never a bare task id
 
 
 def test_torchvision_spec_with_a_path_holding_colons(tmp_path):

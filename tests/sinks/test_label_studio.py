@@ -13,8 +13,8 @@ import pytest
 
 from sinks.label_studio import (
     AuthError, ConfigSpec, ImageRefs, LabelStudio, LabelStudioError, PushConfig, PushReport, TaskError,
-    UnreachableError, labeling_config, model_version_of, percent_box_to_pixels, push, row_to_result,
-    spec_from_config, spec_from_rows,
+    UnreachableError, api_token, labeling_config, model_version_from_manifest, model_version_of,
+    percent_box_to_pixels, pull_tasks, push, row_to_result, spec_from_config, spec_from_rows, write_task_files,
 )
 from sinks.label_studio.convert import local_files_path, pixels_to_percent
 from sinks.label_studio.push import _send_checked
@@ -323,7 +323,7 @@ def test_server_side_rejection_names_the_task_and_the_rest_goes_in(ls_server, ls
     items = {f"k{i}": {"data": {"image": "/x.png", "roiscribe_key": f"k{i}"},
                        "predictions": [{"model_version": "v1", "result": bad if i == 2 else good}]} for i in range(4)}
     report = PushReport(pid, "v1")
-    sent = _send_checked(lambda p, batch: len(client.import_tasks(p, batch)), pid, items, report)
+    sent = _send_checked(lambda p, batch: len(client.import_tasks(p, batch)), pid, items, report.rejected.append)
     assert sent == 3
     assert [e.key for e in report.rejected] == ["k2"] and "not-a-label" in report.rejected[0].reason
 
@@ -437,3 +437,306 @@ def test_push_waits_for_a_restarted_server_and_completes_in_the_same_run(ls_serv
     # a chunk the server committed just before it died is not confirmed to the client, so it is
     # found on the server afterwards instead of being counted as created (never sent twice)
     assert report.already_present == 1 and 599 - cfg.chunk_size <= report.tasks_created <= 599
+
+
+# Issue 13: tokens, versions, keys, paging, resync, streaming, task files, pull -------------------
+
+SECRET = "tok-SECRET-abc123-do-not-print"
+
+
+def forms_of(secret: str) -> set[str]:
+    """Every way a message could show a token: raw, repr-escaped, JSON-escaped, and without its
+    control characters."""
+    return {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], secret.strip("\r\n\0 "), SECRET}
+
+
+def shown(error: BaseException) -> str:
+    return f"{error}\n{error!r}\n{vars(error)!r}\n{error.__cause__!r}\n{error.__context__!r}"
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", "\0", "\r\n", " "])
+def test_a_token_with_cr_lf_or_nul_is_refused_without_showing_it(ls_server, images, tail):
+    secret = SECRET + tail
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_API_KEY contains .*not shown") as info:
+        api_token({"LABEL_STUDIO_API_KEY": secret})
+    assert not [f for f in forms_of(secret) if f in shown(info.value)]
+    # a token handed over directly (not from the environment) is refused the same way
+    with pytest.raises(LabelStudioError) as info:
+        push(rows_for(images, 1), PushConfig(ls_server.url, "never", ImageRefs("upload")), token=secret,
+             progress=False)
+    assert not [f for f in forms_of(secret) if f in shown(info.value)]
+
+
+def test_model_version_from_the_manifest_is_readable_and_content_derived():
+    manifest = {"fingerprints": {"model": "f7585f5f0a1b", "detector": "b7e747e5c2d3", "config": "f9d86028e4f5"},
+                "versions": {"roiscribe": "0.1.0"},
+                "config": {"model": {"spec": "/ckpt/checkpoint-1500"}, "detector": {"spec": "yolo:/w/best.pt"}}}
+    version = model_version_from_manifest(manifest)
+    assert version == "roiscribe-0.1.0 model-checkpoint-1500@f7585f5f detector-yolo-best@b7e747e5 cfg@f9d86028"
+    retrained = json.loads(json.dumps(manifest))
+    retrained["fingerprints"]["model"] = "0000aaaa1111"  # same file names, other weights: another version
+    assert model_version_from_manifest(retrained) != version
+    demo = {**manifest, "config": {"model": {"spec": "demo"}, "detector": {"spec": "demo, really"}}}
+    assert "," not in model_version_from_manifest(demo) and " model-demo@" in model_version_from_manifest(demo)
+    assert model_version_from_manifest({"config": {}}) is None and model_version_from_manifest(None) is None
+
+
+def write_output(out, rows, manifest: dict | None = None):
+    """A caption output folder holding ``rows`` (and a manifest)."""
+    from sinks.parquet import ParquetSink
+
+    with ParquetSink(out, rows_per_part=97) as sink:
+        sink.write(rows)
+    if manifest is not None:
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+MANIFEST = {"fingerprints": {"model": "f7585f5f0a1b", "detector": "b7e747e5c2d3", "config": "f9d86028e4f5"},
+            "versions": {"roiscribe": "0.1.0"}, "config": {"model": {"spec": "demo"}, "detector": {"spec": "demo"}}}
+
+
+@pytest.fixture(scope="module")
+def capped_server(tmp_path_factory):
+    """A second server whose task listing serves at most 100 tasks a page, whatever is asked."""
+    from sinks.label_studio.server import Server, install
+
+    install()
+    root = tmp_path_factory.mktemp("label_studio_capped")
+    (root / "docs" / "imgs").mkdir(parents=True)
+    server = Server(root / "data", root / "docs", extra_env={"TASK_API_PAGE_SIZE_MAX": "100"}).start()
+    yield server
+    server.stop()
+
+
+def test_a_server_that_caps_pages_gets_no_duplicates_and_the_pull_sees_every_task(capped_server, tmp_path,
+                                                                                  monkeypatch):
+    from PIL import Image
+
+    from sinks.label_studio.server import TOKEN
+
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    image = capped_server.document_root / "imgs" / "a.png"
+    Image.new("RGB", (200, 100), (10, 90, 160)).save(image)
+    rows = [make_row(k, str(image)) for k in range(230)]
+    out = write_output(tmp_path / "out", rows, MANIFEST)
+    cfg = PushConfig(capped_server.url, "capped", ImageRefs("local-files", str(capped_server.document_root)),
+                     chunk_size=500)
+    first = push(out, cfg, progress=False)
+    assert first.model_version == "roiscribe-0.1.0 model-demo@f7585f5f detector-demo@b7e747e5 cfg@f9d86028"
+    assert first.tasks_created == 230
+    again = push(out, cfg, progress=False)
+    assert (again.tasks_created, again.predictions_created, again.already_present) == (0, 0, 230)
+    client = LabelStudio(capped_server.url, TOKEN)
+    pid = client.project("capped")["id"]
+    tasks = client.list_tasks(pid)
+    assert len(tasks) == client.task_count(pid) == 230
+    assert len({t["data"]["roiscribe_key"] for t in tasks}) == 230
+    import hashlib
+
+    assert {t["data"]["roiscribe_sha256"] for t in tasks} == {hashlib.sha256(image.read_bytes()).hexdigest()}
+    pulled = pull_tasks(client, "capped", tmp_path / "pull", str(capped_server.document_root), progress=False)
+    assert sorted(i.key for i in pulled.items) == sorted(f"task:{t['id']}" for t in tasks)
+
+
+def test_push_streams_the_output_by_batch(ls_server, ls_token, images, tmp_path, monkeypatch):
+    """The push never holds the whole output: it reads Parquet batches of at most chunk_size rows."""
+    import sinks.parquet
+    from jobs.cli import main
+    from sinks.label_studio.push import OutputRows
+
+    rows = rows_for(images, 300, offset=40000)
+    rows[5] = {**rows[5], "status": "error", "error": "decode: broken", "regions": [], "relations": []}
+    out = write_output(tmp_path / "out", rows, MANIFEST)
+    seen: list[int] = []
+    batches = OutputRows.batches
+
+    def recording(self, columns=None):
+        for batch in batches(self, columns):
+            seen.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(OutputRows, "batches", recording)
+    monkeypatch.setattr(sinks.parquet, "read_rows", lambda *a, **k: pytest.fail("the whole output was read"))
+    rc = main(["push", str(out), "--url", ls_server.url, "--project", "streamed", "--document-root",
+               str(ls_server.document_root), "--chunk-size", "50"])
+    assert rc == 0
+    assert seen and max(seen) <= 50 and sum(seen) == 2 * 300  # the light pass, then the push
+    tasks = server_tasks(ls_server, ls_token, "streamed")
+    assert len(tasks) == 299 and {t["data"]["roiscribe_key"] for t in tasks} == {r["image_id"] for r in rows} - {rows[5]["image_id"]}
+
+
+def test_a_key_whose_image_changed_is_warned_and_a_key_held_twice_is_reported(ls_server, ls_token, images, tmp_path):
+    from PIL import Image
+
+    other = ls_server.document_root / "imgs" / "other.png"
+    Image.new("RGB", (200, 100), (250, 0, 0)).save(other)
+    cfg = PushConfig(ls_server.url, "changed", ImageRefs("local-files", str(ls_server.document_root)), model_version="v1")
+    rows = rows_for(images, 3, offset=50000)
+    assert push(rows, cfg, progress=False).tasks_created == 3
+    moved = [dict(rows[0], uri=str(other)), rows[1], rows[2]]
+    report = push(moved, PushConfig(**{**vars(cfg), "model_version": "v2"}), progress=False)
+    task_id = next(t["id"] for t in server_tasks(ls_server, ls_token, "changed")
+                   if t["data"]["roiscribe_key"] == rows[0]["image_id"])
+    assert report.image_changed == [(rows[0]["image_id"], task_id)] and report.predictions_created == 3
+    assert "1 keys whose task shows another image" in report.summary() and not report.rejected
+
+    # two tasks hold one key (made outside roiscribe): reported, not created a third time
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.project("changed")["id"]
+    twice = {"image": "/data/local-files/?d=imgs/0.png", "roiscribe_key": "held-twice"}
+    ids = client.import_tasks(pid, [{"data": twice}, {"data": twice}])
+    row = dict(make_row(1, images[0]), image_id="held-twice")
+    report = push([row], cfg, progress=False)
+    assert report.duplicate_keys == {"held-twice": sorted(ids)}
+    assert (report.tasks_created, report.predictions_created) == (0, 1)
+    assert sum(t["data"]["roiscribe_key"] == "held-twice" for t in server_tasks(ls_server, ls_token, "changed")) == 2
+
+
+class DelayedImport(BaseHTTPRequestHandler):
+    """A proxy in front of the server: the first task import is cut off from the client (the
+    connection drops without an answer) and reaches the server ``delay`` seconds later, the way a
+    timed-out import still commits. Everything else goes through."""
+
+    target = ""
+    delay = 1.5
+    held = 0
+    late: threading.Thread | None = None  # delivers the held import
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        request = dict(method=self.command, url=self.target + self.path, headers=headers, content=body, timeout=120)
+        if self.command == "POST" and self.path.split("?")[0].endswith("/import") and type(self).held == 0:
+            type(self).held += 1
+            late = threading.Thread(target=lambda: (time.sleep(self.delay), httpx.request(**request)))
+            type(self).late = late
+            late.start()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        r = httpx.request(**request)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_PATCH = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_resync_waits_for_the_lost_import_to_land_and_sends_nothing_twice(ls_server, ls_token, images):
+    rows = rows_for(images, 120, offset=60000)
+    cfg = PushConfig(ls_server.url, "lost-import", ImageRefs("local-files", str(ls_server.document_root)),
+                     model_version="v1", chunk_size=40, settle_s=2.5)
+    push(rows[:1], cfg, progress=False)  # the project and its storage exist before the proxy cuts
+    DelayedImport.target, DelayedImport.held = ls_server.url, 0
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), DelayedImport)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        client = LabelStudio(f"http://127.0.0.1:{proxy.server_address[1]}", ls_token, retries=2, backoff=0.1)
+        report = push(rows, cfg, client=client, progress=False)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert DelayedImport.held == 1
+    DelayedImport.late.join(timeout=120)  # the held import has landed: what the server holds now is final
+    tasks = server_tasks(ls_server, ls_token, "lost-import")
+    keys = [t["data"]["roiscribe_key"] for t in tasks]
+    assert len(keys) == len(set(keys)) == 120, "a chunk was sent again while the lost import was committing"
+    assert all(len(t["predictions"]) == 1 for t in tasks)
+    assert report.tasks_created == 120 - 1 - 40  # the lost chunk landed by itself; it is not counted as sent
+
+
+def test_task_files_hold_valid_tasks_that_a_storage_sync_imports(ls_server, ls_token, images, tmp_path):
+    rows = rows_for(images, 10, offset=70000)
+    rows[2] = {**rows[2], "status": "error", "error": "decode: broken", "regions": [], "relations": []}
+    rows[4]["regions"][0]["box"] = [190.0, 10.0, 230.0, 40.0]  # outside the image: rejected
+    out = write_output(tmp_path / "out", rows, MANIFEST)
+    folder = ls_server.document_root / "taskfiles"
+    report = write_task_files(out, folder, ImageRefs("local-files", str(ls_server.document_root)), chunk_size=3)
+    assert [e.key for e in report.rejected] == [rows[4]["image_id"]] and report.error_rows == 1
+    assert [p.rsplit("/", 1)[-1] for p in report.files] == ["tasks-000001.json", "tasks-000002.json", "tasks-000003.json"]
+    tasks = [t for p in report.files for t in json.loads(open(p).read())]
+    assert [len(json.loads(open(p).read())) for p in report.files] == [3, 3, 2]
+    expected_rows = [r for i, r in enumerate(rows) if i not in (2, 4)]
+    assert [t["data"]["roiscribe_key"] for t in tasks] == [r["image_id"] for r in expected_rows]
+    for task, row in zip(tasks, expected_rows):
+        assert task["data"]["image"].startswith("/data/local-files/?d=imgs/") and len(task["data"]["roiscribe_sha256"]) == 64
+        (pred,) = task["predictions"]
+        assert pred["model_version"] == report.model_version == model_version_from_manifest(MANIFEST)
+        assert_same({"predictions": [pred]}, row, pred["model_version"])
+    config = (folder / "labeling-config.xml").read_text()
+    with pytest.raises(LabelStudioError, match="already holds task files"):
+        write_task_files(out, folder, ImageRefs("local-files", str(ls_server.document_root)))
+
+    # a local storage of the folder (import method "Tasks") imports exactly these tasks
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.create_project("from-files", config)["id"]
+    headers = {"Authorization": f"Token {ls_token}"}
+    r = httpx.post(f"{ls_server.url}/api/storages/localfiles", headers=headers,
+                   json={"project": pid, "path": str(folder), "regex_filter": r".*\.json", "use_blob_urls": False})
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{ls_server.url}/api/storages/localfiles/{r.json()['id']}/sync", headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    imported = client.list_tasks(pid)
+    assert sorted(t["data"]["roiscribe_key"] for t in imported) == sorted(r["image_id"] for r in expected_rows)
+    assert all(len(t["predictions"]) == 1 for t in imported)
+
+
+def annotate(server, token: str, task_id: int, box: tuple[float, float, float, float], label: str = "circle") -> None:
+    x, y, w, h = box
+    result = {"id": f"a{task_id}", "from_name": "region", "to_name": "image", "type": "rectanglelabels",
+              "original_width": 200, "original_height": 100,
+              "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}}
+    r = httpx.post(f"{server.url}/api/tasks/{task_id}/annotations", headers={"Authorization": f"Token {token}"},
+                   json={"result": [result]})
+    assert r.status_code == 201, r.text
+
+
+def test_pulled_boxes_belong_to_their_own_task(ls_server, ls_token, images, tmp_path):
+    """Numeric keys that equal other tasks' ids, and two tasks showing one image: each pulled
+    item gets exactly its task's boxes."""
+    from detectors.given import GivenBoxes
+
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.create_project("pull-keys", labeling_config(spec_from_rows([make_row(0, "x")])))["id"]
+    same = "/data/local-files/?d=imgs/0.png"
+    a, b, c = client.import_tasks(pid, [{"data": {"image": same}}, {"data": {"image": same}},
+                                        {"data": {"image": "/data/local-files/?d=imgs/1.png"}}])
+    headers = {"Authorization": f"Token {ls_token}"}
+    for task, key in ((a, str(b)), (b, str(a)), (c, str(c))):  # keys that look like the other tasks' ids
+        r = httpx.patch(f"{ls_server.url}/api/tasks/{task}", headers=headers,
+                        json={"data": {"image": same if task != c else "/data/local-files/?d=imgs/1.png",
+                                       "roiscribe_key": key}})
+        assert r.status_code == 200, r.text
+    annotate(ls_server, ls_token, a, (10, 10, 20, 20))
+    annotate(ls_server, ls_token, b, (50, 50, 30, 30))
+    pulled = pull_tasks(client, "pull-keys", tmp_path, str(ls_server.document_root), progress=False)
+    given = GivenBoxes.from_label_studio(pulled.given_spec.split(":", 2)[2])
+    boxes = {item.key: given.lookup(item.key, item.uri).boxes.tolist() for item in pulled.items}
+    assert boxes == {f"task:{a}": [[20.0, 10.0, 60.0, 30.0]], f"task:{b}": [[100.0, 50.0, 160.0, 80.0]],
+                     f"task:{c}": []}
+
+
+def test_one_bad_task_is_an_item_with_its_reason_and_the_pull_goes_on(ls_server, ls_token, images, tmp_path):
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.create_project("pull-bad", labeling_config(spec_from_rows([make_row(0, "x")])))["id"]
+    good, missing, outside, foreign = client.import_tasks(pid, [
+        {"data": {"image": "/data/local-files/?d=imgs/0.png"}},
+        {"data": {"image": "/data/upload/999/missing.png"}},
+        {"data": {"image": "/data/local-files/?d=imgs/../../../outside.png"}},
+        {"data": {"image": "https://elsewhere.example/x.png"}}])
+    pulled = pull_tasks(client, "pull-bad", tmp_path, str(ls_server.document_root), progress=False)
+    by_key = {i.key: i for i in pulled.items}
+    assert by_key[f"task:{good}"].error is None and by_key[f"task:{good}"].uri == images[0]
+    # Label Studio 1.23 answers 500 (not 404) for an upload it does not hold
+    assert "answered 500 to downloading /data/upload/999/missing.png" in by_key[f"task:{missing}"].error
+    assert "outside the document root" in by_key[f"task:{outside}"].error
+    assert "not on" in by_key[f"task:{foreign}"].error
+    assert len(json.loads((tmp_path / "label-studio-tasks.json").read_text())) == 4
