@@ -81,7 +81,7 @@ class TrainConfig:
 def config_from_file(cls, path: str | Path, relative: Sequence[str] = ()):
     """Dataclass ``cls`` from a TOML or JSON file (unknown keys are an error naming the valid ones);
     the path options named in ``relative`` are taken relative to the file (absolute paths stay)."""
-    from .configfile import from_dict, read_config
+    from .configfile import ConfigError, from_dict, read_config
 
     raw = read_config(path)
     for key in relative:
@@ -89,7 +89,10 @@ def config_from_file(cls, path: str | Path, relative: Sequence[str] = ()):
             value = raw[key]
             raw[key] = ([str(Path(path).parent / v) for v in value] if isinstance(value, list)
                         else str(Path(path).parent / value))
-    return from_dict(cls, raw, where=f"{Path(path).name}")
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 # Data ---------------------------------------------------------------------------------------------

@@ -23,18 +23,43 @@ def test_version_and_help():
 
 
 def test_demo_describes_the_three_sample_regions():
-    r = run("demo", "--max-new-tokens", "4")
+    """The shipped model names each drawn shape: every region is asked about its own box."""
+    r = run("demo")
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("region")]
     assert [l.split()[0] for l in lines] == ["region1", "region2", "region3"]
+    answers = [l.rsplit(": ", 1)[1] for l in lines]
+    for answer, color, shape in zip(answers, ("red", "blue", "green"), ("circle", "square", "triangle")):
+        assert color in answer and shape in answer, lines
+
+
+CAPTION = "What can you tell me about the region indicated by <region1> in the image?"
 
 
 def test_describe_answers_and_refuses_bad_input(tmp_path):
-    image = tmp_path / "img.png"
-    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
-    r = run("describe", str(image), "--box", "5,5,30,30", "--max-new-tokens", "3", "What is <region1>?")
+    from PIL import ImageDraw
+
+    from model.checkpoint import load_model
+    from model.engine import ImageJob, RegionEngine, RegionPrompt
+
+    # a wide picture (360 x 120): with width and height mixed up, the red square's box would
+    # cover a strip across the top instead
+    wide = Image.new("RGB", (360, 120), (128, 128, 128))
+    draw = ImageDraw.Draw(wide)
+    draw.rectangle((20, 20, 100, 100), fill=(220, 40, 40))
+    draw.ellipse((140, 20, 220, 100), fill=(40, 170, 60))
+    wide.save(tmp_path / "wide.png")
+    r = run("describe", str(tmp_path / "wide.png"), "--box", "20,20,100,100", CAPTION)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 1
+    answer = r.stdout.strip()
+    assert "red" in answer and "square" in answer, answer
+    box = [[20 / 360, 20 / 120, 100 / 360, 100 / 120]]  # normalised by hand
+    direct = RegionEngine(load_model("demo")).run([ImageJob(wide, box, [RegionPrompt(CAPTION, (0,))])])[0][0]
+    assert answer == direct.text
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
     r = run("describe", str(image), "--box", "5,5,90,30", "What is <region1>?")
     assert r.returncode == 2 and "outside the 60x40 image" in r.stderr
     r = run("describe", str(image), "--box", "5,5,4,30", "What is <region1>?")

@@ -35,6 +35,34 @@ def test_save_and_load_pretrained_gives_the_same_logits(tmp_path, rng_image):
     assert bf16.model.llm.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE stays fp32
 
 
+def _peak_allocated(fn, trace) -> int:
+    """Peak bytes held by torch's CPU allocator while ``fn`` runs, from the profiler's memory events
+    (``trace``: where the profiler writes them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+
+
+def test_loading_builds_on_meta_and_never_holds_the_weights_twice(tmp_path):
+    """Loaded in bfloat16, every weight is converted (so materialised) as it is read: the peak is
+    one bfloat16 copy. A model built or materialised on the CPU first would add a float32 copy."""
+    src = random_init("tiny", seed=3)
+    save_pretrained(src, tmp_path / "ckpt")
+    state = src.model.state_dict()
+    size = lambda t: t.numel() * (2 if t.is_floating_point() else t.element_size())  # noqa: E731
+    one_copy, largest = sum(map(size, state.values())), max(map(size, state.values()))
+    got = []
+    peak = _peak_allocated(lambda: got.append(load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)),
+                           tmp_path / "trace.json")
+    assert one_copy / 2 < peak <= one_copy + largest, (peak, one_copy)
+    weights = got[0].model.state_dict()
+    assert all(torch.equal(v.to(weights[k].dtype), weights[k]) for k, v in state.items())
+
+
 # The official layout, written by hand ----------------------------------------------------------
 
 def _official_key(ours: str) -> str:

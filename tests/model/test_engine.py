@@ -120,16 +120,60 @@ def test_sampling_is_reproducible_per_seed(tiny):
 
 def test_memory_caps_split_the_batch(tiny):
     # tiny, fp32: 2 layers x (K, V) x 64 wide x 4 bytes = 1 KiB of KV cache per token
-    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_prompts=4, kv_cache_gib=10_000 / 2**20))
-    assert engine.max_tokens == 10_000
     from model.engine import _Row
 
-    rows = [_Row(0, i, [1] * (5 + i), [0]) for i in range(10)]
-    batches = engine._row_batches(rows, prefix_len=100)
-    assert sorted(r.prompt for b in batches for r in b) == list(range(10))
-    for b in batches:
-        assert len(b) <= 4
-        assert len(b) * (100 + max(len(r.suffix) for r in b) + 10) <= 10_000 or len(b) == 1
+    rows = [_Row(0, i, [1] * (5 + i), [0]) for i in range(10)]  # 100 prefix + 5..14 own tokens + 10 new
+
+    def batches(**kw):
+        engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, **kw))
+        return engine.max_tokens, [[r.prompt for r in b] for b in engine._row_batches(rows, prefix_len=100)]
+
+    assert batches(max_prompts=4, kv_cache_gib=10_000 / 2**20) == (10_000, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
+    # the budget binds: 3 rows of <= 117 tokens fit in 400, 4 rows of >= 118 (472) do not
+    assert batches(kv_cache_gib=400 / 2**20) == (400, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]])
+    assert batches(kv_cache_gib=100 / 2**20)[1] == [[i] for i in range(10)]  # a row over the budget runs alone
+
+
+@pytest.fixture
+def llm_calls(tiny):
+    """(batch, sequence length) of every LLaMA forward while the engine runs (a forward pre-hook)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x
+        calls.append(tuple(x.shape[:2]))
+
+    handle = tiny.model.llm.register_forward_pre_hook(hook, with_kwargs=True)
+    yield calls
+    handle.remove()
+
+
+def test_the_prefix_is_prefilled_once_per_image_chunk_and_prompts_decode_together(tiny, llm_calls):
+    jobs = make_jobs()  # 1 + 6 + 18 + 4 prompts
+    cfg = EngineConfig(max_new_tokens=5, min_new_tokens=5, max_images=3)
+    out = RegionEngine(tiny, cfg).run(jobs)
+    calls = list(llm_calls)  # before the reference path below runs the LLM too
+    n_image = tiny.config.num_image_tokens
+    rows = [sum(len(jobs[j].prompts) for j in chunk) for chunk in ([0, 1, 2], [3])]
+    # per chunk: the prefix (image included) once for its images, every prompt's own tokens in one
+    # batch, then 4 decode steps of every row together; the image is never run again per prompt
+    assert [b for b, t in calls if t >= n_image] == [3, 1]
+    assert [b for b, t in calls if 1 < t < n_image] == rows
+    assert [b for b, t in calls if t == 1] == [rows[0]] * 4 + [rows[1]] * 4
+    assert len(calls) == 2 * (1 + 1 + 4)
+    assert_same(out, naive(tiny, jobs, max_new_tokens=5, min_new_tokens=5))
+
+
+def test_a_tight_kv_budget_splits_decoding_and_keeps_the_answers(tiny, llm_calls):
+    jobs = make_jobs((5,))  # 7 prompts
+    longest = max(len(tiny.tokenizer.encode(build_prompt(p.question))) for p in jobs[0].prompts)
+    per_row_kib = longest + 6  # prompt + answer tokens, 1 KiB each
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=6, kv_cache_gib=3 * per_row_kib / 2**20)).run(jobs)
+    prefills = sorted(b for b, t in llm_calls if 1 < t < tiny.config.num_image_tokens)
+    assert prefills == [1, 3, 3]  # the budget holds 3 rows; nothing else splits 7 prompts
+    assert max(b for b, t in llm_calls if t == 1) <= 3
+    assert_same(out, naive(tiny, jobs, max_new_tokens=6))
 
 
 def test_prompts_naming_missing_regions_are_refused(tiny):

@@ -99,20 +99,124 @@ def test_training_saves_and_resumes(world, tmp_path):
     assert torch.load(resumed / "trainer_state.pt", weights_only=True)["step"] == 6
 
 
+def _averaged_steps(cfg: TrainConfig, ranks: list[int], world: int) -> dict:
+    """What DDP computes, written out in one process: each step, every rank in ``ranks`` takes its
+    own shard's batch, their gradients are averaged (over ``len(ranks)``), clipped, and one AdamW
+    step is taken. With one rank of ``world`` it is that rank training alone on its shard."""
+    from model.checkpoint import init_or_load
+    from model.loop import steps, warmup_cosine_schedule
+
+    loaded = init_or_load(cfg.init, seed=cfg.seed)
+    model = loaded.model.restore_buffers()
+    model.train()
+    model.vision_tower.train(False)
+    set_trainable(model, cfg.stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = warmup_cosine_schedule(optim, cfg.warmup_steps, cfg.max_steps)
+    records = read_conversations(cfg.data)
+    shards = [Batches(records, loaded, cfg, rank, world) for rank in ranks]
+    per_epoch = len(records) // world // cfg.batch_size
+    streams = [steps(0, cfg.max_steps, per_epoch, shard.epoch) for shard in shards]
+    for batches in zip(*streams):
+        grads = []
+        for _, batch in batches:
+            model.zero_grad(set_to_none=True)
+            training_loss(loaded, batch).backward()
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+        for p, *g in zip(params, *grads):
+            p.grad = torch.stack(g).mean(0)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optim.step()
+        sched.step()
+    return model.state_dict()
+
+
 def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):
+    """Two Ray Train workers are one DDP run: each reads its own shard, gradients are averaged, so
+    the weights equal one process averaging both shards' gradients, and neither rank alone."""
     import ray
 
     from jobs.train import train_on_ray
 
     cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / "ray_run"), init="random:tiny",
-                      max_steps=2, save_every=2, batch_size=1, max_turns=2, warmup_steps=1)
+                      max_steps=2, save_every=2, batch_size=1, max_turns=2, warmup_steps=1, lr=1e-3)
     try:
         final = train_on_ray(cfg, workers=2, cpus_per_worker=0.5)
     finally:
         ray.shutdown()
     assert final is not None and final.name == "checkpoint-2"
     assert torch.load(final / "trainer_state.pt", weights_only=True)["step"] == 2
-    assert load_pretrained(final).config.name == "tiny"
+    got = load_pretrained(final)
+    assert got.config.name == "tiny"
+    got = got.model.state_dict()
+
+    ddp = _averaged_steps(cfg, ranks=[0, 1], world=2)
+    for key, value in ddp.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=5e-5, msg=key)
+    for rank in (0, 1):  # a rank that trained alone (no gradient averaging) ends elsewhere
+        alone = _averaged_steps(cfg, ranks=[rank], world=2)
+        assert max(float((alone[k] - got[k]).abs().max()) for k in got if k.startswith("llm.")) > 1e-3
+
+
+def test_each_step_clips_the_gradient_norm_and_follows_the_schedule(world, tmp_path):
+    """Seen from the optimizer (a global step pre-hook): the gradient it is given never has a norm
+    above ``grad_clip``, although unclipped it would, and its LR is warmup + cosine at every step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from model.loop import warmup_cosine
+
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append((float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+                     optimizer.param_groups[0]["lr"]))
+
+    def norms_and_lrs(grad_clip):
+        seen.clear()
+        cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / f"clip{grad_clip}"),
+                          init="random:tiny", max_steps=4, warmup_steps=2, batch_size=2, max_turns=2, lr=1e-3,
+                          grad_clip=grad_clip)
+        handle = register_optimizer_step_pre_hook(before_step)
+        try:
+            train(cfg, progress=False)
+        finally:
+            handle.remove()
+        return [n for n, _ in seen], [lr for _, lr in seen]
+
+    unclipped, lrs = norms_and_lrs(1e9)
+    assert len(unclipped) == 4 and min(unclipped) > 0.05
+    assert lrs == pytest.approx([1e-3 * warmup_cosine(2, 4)(s) for s in range(4)])
+    clipped, _ = norms_and_lrs(0.05)
+    assert all(n <= 0.05 * 1.001 for n in clipped), clipped
+    assert clipped[0] == pytest.approx(0.05, rel=1e-3)
+
+
+def test_gradient_checkpointing_recomputes_the_llm_layers_in_backward(world, tmp_path):
+    """With ``gradient_checkpointing`` each LLaMA layer runs again in the backward pass (its MLP is
+    entered twice per step, counted by a global forward pre-hook); the training is the same."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    def run(checkpointing):
+        entered = []
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: entered.append(1) if isinstance(module, LlamaMLP) else None)
+        cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / f"gc{checkpointing}"),
+                          init="random:tiny", max_steps=2, warmup_steps=1, batch_size=2, max_turns=2, lr=1e-3,
+                          gradient_checkpointing=checkpointing)
+        try:
+            final = train(cfg, progress=False)
+        finally:
+            hook.remove()
+        return len(entered), load_pretrained(final).model.state_dict()
+
+    layers = random_init("tiny").config.llm.num_layers
+    plain, plain_weights = run(False)
+    recomputed, weights = run(True)
+    assert (plain, recomputed) == (2 * layers, 2 * 2 * layers)  # 2 steps
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 def test_an_unfrozen_vision_tower_learns_and_a_frozen_one_does_not(world):
@@ -170,7 +274,8 @@ def test_config_files_refuse_unknown_keys_and_read_data_relative_to_the_file(tmp
     cfg = TrainConfig.from_file(path)
     assert cfg.data == [str(folder / "world/a.jsonl"), "/abs/b.jsonl"] and cfg.max_steps == 3
     path.write_text('data = ["a.jsonl"]\nmax_step = 3\n')
-    with pytest.raises(ConfigError, match="unknown option max_step; valid options of train.toml: .*max_steps"):
+    unknown = r"train\.toml: unknown option max_step; valid options: .*max_steps"
+    with pytest.raises(ConfigError, match=unknown):
         TrainConfig.from_file(path)
     path.write_text('fsdp = true\n')
     with pytest.raises(ConfigError, match="fsdp = true is not supported"):

@@ -1,6 +1,5 @@
-import json
+import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,3 +45,85 @@ def test_reconcile_and_remove_keep_each_image_once(tmp_path):
     assert reconcile(tmp_path) == 1
     assert statuses(tmp_path) == {"a": "error", "b": "ok", "c": "error"}
     assert remove_ids(tmp_path, {"c"}) == 1 and set(statuses(tmp_path)) == {"a", "b"}
+
+
+# A writer that finishes one small part, then writes one large part (~150 MB of incompressible
+# text, a fraction of a second to write): the test kills it while that part is being written.
+_WRITER = """
+import os, sys
+import pyarrow as pa
+from pipeline.arrow import SCHEMA
+from sinks.parquet import ParquetSink
+
+def rows(n, first, width):
+    noise = os.urandom(n * width // 2).hex()
+    columns = {"image_id": [f"img-{first + i}" for i in range(n)], "status": ["error"] * n,
+               "error": [noise[width * i:width * (i + 1)] for i in range(n)]}
+    return pa.Table.from_arrays([pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
+                                 for f in SCHEMA], schema=SCHEMA)
+
+with ParquetSink(sys.argv[1], rows_per_part=10**9) as sink:
+    sink.write(rows(10, 0, 8))
+    sink.flush()
+    large = rows(300_000, 10, 512)
+    sink.write(large)
+"""
+
+
+def _kill_while_writing(out, deadline_s: float = 120.0) -> bool:
+    """Start the writer, SIGKILL it as soon as a second file in OUT/data has bytes; True when the
+    kill landed mid-write (the second file is not a whole part)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = out / "data"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)])
+    first = None
+    t0 = time.time()
+    try:
+        while time.time() - t0 < deadline_s and proc.poll() is None:
+            entries = sorted(os.scandir(data), key=lambda e: e.name) if data.is_dir() else []
+            whole = [e for e in entries if e.name.startswith("part-")]
+            if first is None and whole:
+                first = whole[0].name
+            others = [e for e in entries if first is not None and e.name != first and e.stat().st_size > 0]
+            if others:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first is not None, "the writer never wrote its first part"
+    return 300_000 not in map(_rows, part_files(out))
+
+
+def _rows(part) -> int | None:
+    """Rows of a part file, None when it cannot be read."""
+    try:
+        return pq.read_metadata(part).num_rows
+    except Exception:  # noqa: BLE001 -- whatever pyarrow raises for a broken file
+        return None
+
+
+def test_a_writer_killed_mid_part_leaves_only_whole_parts(tmp_path):
+    """Part files are whole or absent: after a SIGKILL in the middle of writing a part, the parts a
+    reader sees are exactly the ones finished before it, all readable, nothing to set aside."""
+    import shutil
+
+    from sinks.parquet import set_aside_corrupt_parts
+
+    for attempt in range(3):  # the kill must land during the write; on a busy machine it may come late
+        out = tmp_path / f"out{attempt}"
+        if _kill_while_writing(out):
+            break
+        shutil.rmtree(out)
+    else:
+        pytest.fail("the writer finished each time before it could be killed mid-write")
+    assert [_rows(p) for p in part_files(out)] == [10]
+    assert read_rows(out).column("image_id").to_pylist() == [f"img-{i}" for i in range(10)]
+    assert set_aside_corrupt_parts(out) == []
+    assert len(list((out / "data").iterdir())) == 2  # the interrupted write left only a hidden temporary file
+    shutil.rmtree(out)  # ~100 MB
