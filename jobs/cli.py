@@ -259,47 +259,40 @@ def _describe(loaded, image, boxes_px, question: str, engine_config) -> str:
     return RegionEngine(loaded, engine_config).run([job])[0][0].text
 
 
+# job-config key <- command-line flag (argparse dest); a flag a command lacks, or leaves out, sets nothing
+FLAG_KEYS = (
+    ("source", "source"), ("out", "out"), ("model.spec", "model"), ("model.clip", "clip"),
+    ("model.device", "device"), ("model.dtype", "dtype"), ("detector.spec", "detector"),
+    ("detector.device", "device"), ("batch_size", "batch_size"), ("max_bytes", "max_bytes"),
+    ("engine.max_new_tokens", "max_new_tokens"), ("postprocess.score_threshold", "score_threshold"),
+    ("postprocess.max_regions", "max_regions"), ("postprocess.duplicate_iou", "duplicate_iou"),
+    ("compose.captions", "captions"), ("compose.attributes", "attributes"), ("compose.max_pairs", "max_pairs"),
+    ("rows_per_part", "rows_per_part"), ("runner.mode", "runner"), ("runner.address", "address"),
+    ("runner.describe_actors", "describe_actors"), ("runner.detect_actors", "detect_actors"),
+    ("runner.gpus_per_describe_actor", "gpus_per_actor"),
+)
+
+
 def job_overrides(args) -> dict:
     """The job-config keys the command line sets (flags left out are None and set nothing)."""
     out: dict = {}
-
-    def put(path: str, value) -> None:
+    for path, dest in FLAG_KEYS:
+        value = getattr(args, dest, None)
         if value is None:
-            return
+            continue
+        if dest in ("captions", "attributes"):  # comma lists
+            value = [n.strip() for n in value.split(",") if n.strip()]
+        elif dest == "duplicate_iou" and value == OFF:
+            value = None
+        elif dest == "out":
+            value = str(value)
         *parents, last = path.split(".")
         node = out
         for key in parents:
             node = node.setdefault(key, {})
         node[last] = value
-
-    def names(text: str | None) -> list[str] | None:
-        return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-    put("source", args.source)
-    put("out", None if args.out is None else str(args.out))
-    put("model.spec", args.model)
-    put("model.clip", args.clip)
-    put("model.device", args.device)
-    put("model.dtype", args.dtype)
-    put("detector.spec", args.detector)
-    put("detector.device", args.device)
-    put("batch_size", args.batch_size)
-    put("max_bytes", getattr(args, "max_bytes", None))
-    put("engine.max_new_tokens", args.max_new_tokens)
-    put("postprocess.score_threshold", args.score_threshold)
-    put("postprocess.max_regions", args.max_regions)
-    if args.duplicate_iou is not None:  # "off" sets None, which put() would skip
-        out.setdefault("postprocess", {})["duplicate_iou"] = None if args.duplicate_iou == OFF else args.duplicate_iou
-    put("compose.captions", names(args.captions))
-    put("compose.attributes", names(args.attributes))
-    put("compose.max_pairs", args.max_pairs)
-    put("compose.relations", None if args.max_pairs is None else args.max_pairs > 0)
-    put("rows_per_part", args.rows_per_part)
-    put("runner.mode", args.runner)
-    put("runner.address", args.address)
-    put("runner.describe_actors", args.describe_actors)
-    put("runner.detect_actors", args.detect_actors)
-    put("runner.gpus_per_describe_actor", args.gpus_per_actor)
+    if getattr(args, "max_pairs", None) is not None:
+        out["compose"]["relations"] = args.max_pairs > 0
     return out
 
 
@@ -398,16 +391,8 @@ def cmd_ml_backend(args) -> int:
     import time
 
     from jobs.ml_backend import BackendConfig, Predictor, basic_auth_from_env, check_exposure, serve
-    from jobs.config import job_from_dict, merge
-    from model.configfile import read_config
 
-    base = read_config(args.config) if args.config else {}
-    flags = {"model": {k: v for k, v in (("spec", args.model), ("clip", args.clip), ("device", args.device),
-                                          ("dtype", args.dtype)) if v is not None},
-             "detector": {k: v for k, v in (("spec", args.detector), ("device", args.device)) if v is not None}}
-    if args.max_new_tokens is not None:
-        flags["engine"] = {"max_new_tokens": args.max_new_tokens}
-    job = job_from_dict(merge(base, flags))
+    job = job_config(args)
     _check_model(job.model.spec)
     _check_detector(job.detector.spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
