@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -293,3 +294,183 @@ def test_ml_backend_reads_only_the_projects_images(tmp_path):
         with pytest.raises(ValueError):
             reader.read(elsewhere)
     assert client.asked == ["/data/upload/3/a.png"]  # the API was never asked for anything else
+
+
+# README promises: the detector's boxes on pulled tasks, the backend without a drawn box, image
+# URLs from a prefix, exit 1 on rejected rows, the created-count check, the token never logged ---
+
+def caption_one(image, tmp_path) -> dict:
+    """The row ``roiscribe caption`` makes of one image with the shipped defaults."""
+    from sinks.parquet import read_rows
+
+    folder = tmp_path / f"one-{image.stem}"
+    folder.mkdir()
+    (folder / image.name).write_bytes(image.read_bytes())
+    assert main(["caption", str(folder), "--out", str(tmp_path / f"out-{image.stem}"), "--no-ray", "--max-pairs", "0"]) == 0
+    (row,) = read_rows(tmp_path / f"out-{image.stem}").to_pylist()
+    assert row["status"] == "ok" and row["regions"], row
+    return row
+
+
+def percent_boxes(result: list[dict]) -> list[float]:
+    """A prediction's boxes, back in pixels, in order, flat (four numbers per box)."""
+    from sinks.label_studio import percent_box_to_pixels
+
+    return [v for i in result if i["type"] == "rectanglelabels" for v in percent_box_to_pixels(i)]
+
+
+def test_pull_with_detector_boxes_captions_what_the_detector_finds(ls_server, ls_token, scene_dir, tmp_path, capsys):
+    """``--ls-boxes detector`` ignores the tasks' annotations and runs the job's detector: the
+    pulled task gets the regions a caption run finds on the same image; without the flag the
+    same (unannotated) task gets none."""
+    from sinks.parquet import read_rows
+    from tests.sinks.test_label_studio import make_row
+    from sinks.label_studio import labeling_config, spec_from_rows
+
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.create_project("pull-detector", labeling_config(spec_from_rows([make_row(0, "x")])))["id"]
+    (task_id,) = client.import_tasks(pid, [{"data": {"image": "/data/local-files/?d=scenes/s2.png"}}])
+    common = ["--no-ray", "--document-root", str(ls_server.document_root), "--max-pairs", "0"]
+    assert main(["caption", ls_server.url, "--from-label-studio", "pull-detector", "--out", str(tmp_path / "drawn"),
+                 "--model-version", "drawn", *common]) == 0, capsys.readouterr().err
+    (drawn,) = read_rows(tmp_path / "drawn").to_pylist()
+    assert drawn["status"] == "ok" and drawn["regions"] == []  # nobody drew a box
+    assert main(["caption", ls_server.url, "--from-label-studio", "pull-detector", "--out", str(tmp_path / "det"),
+                 "--model-version", "det", "--ls-boxes", "detector", *common]) == 0, capsys.readouterr().err
+    (pulled,) = read_rows(tmp_path / "det").to_pylist()
+    direct = caption_one(scene_dir / "s2.png", tmp_path)
+    assert pulled["image_id"] == f"task:{task_id}"
+    assert [r["box"] for r in pulled["regions"]] == [r["box"] for r in direct["regions"]]
+    assert [r["caption"] for r in pulled["regions"]] == [r["caption"] for r in direct["regions"]]
+    (pred,) = [p for p in client.list_tasks(pid)[0]["predictions"] if p["model_version"] == "det"]
+    assert percent_boxes(pred["result"]) == pytest.approx([v for r in direct["regions"] for v in r["box"]], abs=1e-3)
+
+
+def test_ml_backend_without_a_drawn_box_pre_annotates_the_whole_image(ls_server, ls_token, scene_dir, tmp_path):
+    """Label Studio's "Retrieve predictions" action asks the connected backend's ``/predict``
+    with no drawn box: the backend runs detector + engine on the whole image and the server
+    stores what it answered: the regions and captions a caption run gives."""
+    from jobs.ml_backend import BackendConfig, Predictor, serve
+    from tests.sinks.test_label_studio import make_row
+    from sinks.label_studio import labeling_config, spec_from_rows
+
+    client = LabelStudio(ls_server.url, ls_token)
+    pid = client.create_project("backend-whole", labeling_config(spec_from_rows([make_row(0, "x")])))["id"]
+    (task_id,) = client.import_tasks(pid, [{"data": {"image": "/data/local-files/?d=scenes/s1.png"}}])
+    client.ensure_local_storage(pid, {str(scene_dir)})
+    predictor = Predictor(backend=BackendConfig(document_root=str(ls_server.document_root), label_studio_url=ls_server.url,
+                                                user=USER, password=PASSWORD, model_version="backend-v1"))
+    backend = serve(predictor, "127.0.0.1", 0)
+    headers = {"Authorization": f"Token {ls_token}"}
+    try:
+        r = httpx.post(f"{ls_server.url}/api/ml", headers=headers,
+                       json={"url": f"http://127.0.0.1:{backend.server_port}", "project": pid, "title": "roiscribe",
+                             "auth_method": "BASIC_AUTH", "basic_auth_user": USER, "basic_auth_pass": PASSWORD})
+        assert r.status_code == 201, r.text
+        r = httpx.post(f"{ls_server.url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                       headers=headers, json={"selectedItems": {"all": True, "excluded": []}}, timeout=300)
+        assert r.status_code == 200, r.text
+    finally:
+        backend.shutdown()
+        backend.server_close()
+    (task,) = client.list_tasks(pid)
+    assert task["id"] == task_id
+    (pred,) = [p for p in task["predictions"] if p["model_version"] == "backend-v1"]
+    direct = caption_one(scene_dir / "s1.png", tmp_path)
+    assert percent_boxes(pred["result"]) == pytest.approx([v for r in direct["regions"] for v in r["box"]], abs=1e-3)
+    captions = [i["value"]["text"][0] for i in pred["result"] if i["type"] == "textarea"]
+    assert captions == [r["caption"] for r in direct["regions"]]
+
+
+def test_cli_push_of_url_images_reports_rejected_rows_and_exits_1(ls_server, ls_token, tmp_path, capsys, caplog):
+    """``--images url --url-prefix``: each task's image is the prefix + the path under the
+    document root; a row whose box leaves the image is named with its reason, the others are
+    pushed, and the command exits 1. Nothing it prints or logs holds the token."""
+    import logging
+
+    from tests.sinks.test_label_studio import make_row, write_output
+
+    caplog.set_level(logging.DEBUG)
+    folder = ls_server.document_root / "cdn"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for k in range(4):
+        (folder / f"p {k}.png").write_bytes(b"never read: the push only writes the url")
+        rows.append(make_row(70000 + k, str(folder / f"p {k}.png")))
+    rows[2]["regions"][0]["box"] = [150.0, 10.0, 260.0, 40.0]  # right edge at 260 of a 200-px image
+    out = write_output(tmp_path / "out", rows)
+    rc = main(["push", str(out), "--url", ls_server.url, "--project", "cdn", "--images", "url",
+               "--url-prefix", "https://cdn.example/set/", "--document-root", str(ls_server.document_root)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert rows[2]["image_id"] in captured.err and "outside the 200x100 image" in captured.err
+    tasks = LabelStudio(ls_server.url, ls_token).list_tasks(LabelStudio(ls_server.url, ls_token).project("cdn")["id"])
+    assert sorted((t["data"]["roiscribe_key"], t["data"]["image"]) for t in tasks) == sorted(
+        (rows[k]["image_id"], f"https://cdn.example/set/cdn/p%20{k}.png") for k in (0, 1, 3))
+    assert ls_token not in captured.out + captured.err + caplog.text
+    assert caplog.text  # something was logged at DEBUG (the check above looked at real log text)
+
+
+class DroppingProxy(BaseHTTPRequestHandler):
+    """Forwards every request to the real server, but drops the last task or prediction of each
+    import: the server then creates one fewer than the client sent (as a server that silently
+    skipped an item would). A real server cannot be made to do that; this proxy can."""
+
+    upstream = ""
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = self.path.split("?")[0]
+        if self.command == "POST" and re.fullmatch(r"/api/projects/\d+/import(/predictions)?", path):
+            items = json.loads(body)
+            body = json.dumps(items[:-1]).encode()
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        r = httpx.request(self.command, self.upstream + self.path, headers=headers, content=body, timeout=60)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_import_that_creates_fewer_than_sent_stops_the_push_and_a_rerun_completes(ls_server, ls_token, tmp_path,
+                                                                                     capsys):
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.sinks.test_label_studio import MANIFEST, make_row, write_output
+
+    folder = ls_server.document_root / "fewer"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.png").write_bytes(b"x")
+    rows = [make_row(80000 + k, str(folder / "a.png")) for k in range(3)]
+    out = write_output(tmp_path / "out", rows, MANIFEST)
+    DroppingProxy.upstream = ls_server.url
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), DroppingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    via = f"http://127.0.0.1:{proxy.server_address[1]}"
+    root = ["--document-root", str(ls_server.document_root)]
+    try:
+        assert main(["push", str(out), "--url", via, "--project", "fewer", *root]) == 1
+        assert "created 2 tasks of 3" in capsys.readouterr().err
+        client = LabelStudio(ls_server.url, ls_token)
+        pid = client.project("fewer")["id"]
+        assert len(client.list_tasks(pid)) == 2
+        assert main(["push", str(out), "--url", ls_server.url, "--project", "fewer", *root]) == 0  # reconciles
+        assert sorted(t["data"]["roiscribe_key"] for t in client.list_tasks(pid)) == sorted(r["image_id"] for r in rows)
+        # a new model version goes in as predictions on the existing tasks: the same check applies
+        assert main(["push", str(out), "--url", via, "--project", "fewer", "--model-version", "v2", *root]) == 1
+        assert "created 2 predictions of 3" in capsys.readouterr().err
+        assert main(["push", str(out), "--url", ls_server.url, "--project", "fewer", "--model-version", "v2", *root]) == 0
+        tasks = client.list_tasks(pid)
+        assert sorted(sum(p["model_version"] == "v2" for p in t["predictions"]) for t in tasks) == [1, 1, 1]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
