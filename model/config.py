@@ -300,7 +300,8 @@ class EngineConfig:
     min_new_tokens: int = 0  # stops are ignored before this many tokens (fixed-length benchmarks)
     max_images: int = 16  # images encoded per vision pass
     max_prompts: int = 256  # prompt rows decoded together
-    kv_cache_gib: float = 8.0  # KV cache of one decode batch: rows x (prompt + answer) tokens fit in this
+    kv_cache_gib: float = 8.0  # KV cache of one image chunk: images x prefix + slots x (suffix + answer) tokens
+    sync_every: int = 8  # decode steps between looks at the batch (ended rows harvested, slots refilled)
     share_prefix: bool = True
     do_sample: bool = False
     temperature: float = 1.0
@@ -308,7 +309,7 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "max_images", "max_prompts"):
+        for name in ("max_new_tokens", "max_images", "max_prompts", "sync_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_gib <= 0 or self.temperature <= 0:

@@ -43,19 +43,31 @@ def assert_same(engine_out, naive_out):
             np.testing.assert_allclose(e.logprobs, n.logprobs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def stops_sometimes(tiny):
+def stop_hook(tiny, modulus: int):
     """Make the tiny model end its answers at data-dependent steps: whenever the sum of its 8 best
-    token ids is a multiple of 5, it says '###' (a forward hook on lm_head; both paths see it)."""
+    token ids is a multiple of ``modulus``, it says '###' (a forward hook on lm_head; both paths see it)."""
     stop_id = tiny.tokenizer.pieces.encode("###")[-1]
 
     def hook(module, args, out):
         last = out[:, -1]
         out = out.clone()
-        out[:, -1, stop_id] = torch.where(last.topk(8).indices.sum(-1) % 5 == 0, last.max(-1).values + 5.0, last[:, stop_id])
+        hit = last.topk(8).indices.sum(-1) % modulus == 0
+        out[:, -1, stop_id] = torch.where(hit, last.max(-1).values + 5.0, last[:, stop_id])
         return out
 
-    handle = tiny.model.llm.lm_head.register_forward_hook(hook)
+    return tiny.model.llm.lm_head.register_forward_hook(hook)
+
+
+@pytest.fixture
+def stops_sometimes(tiny):
+    handle = stop_hook(tiny, 5)
+    yield
+    handle.remove()
+
+
+@pytest.fixture
+def stops_at_varied_lengths(tiny):  # answers of 1 to 16 tokens
+    handle = stop_hook(tiny, 11)
     yield
     handle.remove()
 
@@ -118,42 +130,32 @@ def test_sampling_is_reproducible_per_seed(tiny):
     assert ids(a) != ids(greedy)
 
 
-def test_memory_caps_split_the_batch(tiny):
+def test_the_kv_budget_sets_the_slots(tiny):
     # tiny, fp32: 2 layers x (K, V) x 64 wide x 4 bytes = 1 KiB of KV cache per token
-    from model.engine import _Row
-
-    rows = [_Row(0, i, [1] * (5 + i), [0]) for i in range(10)]  # 100 prefix + 5..14 own tokens + 10 new
-
-    def batches(**kw):
-        engine = RegionEngine(tiny, EngineConfig(max_new_tokens=10, **kw))
-        return engine.max_tokens, [[r.prompt for r in b] for b in engine._row_batches(rows, prefix_len=100)]
-
-    assert batches(max_prompts=4, kv_cache_gib=10_000 / 2**20) == (10_000, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
-    # the budget binds: 3 rows of <= 117 tokens fit in 400, 4 rows of >= 118 (472) do not
-    assert batches(kv_cache_gib=400 / 2**20) == (400, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]])
-    assert batches(kv_cache_gib=100 / 2**20)[1] == [[i] for i in range(10)]  # a row over the budget runs alone
+    slots = lambda n_rows, **kw: RegionEngine(tiny, EngineConfig(max_new_tokens=10, **kw)).slots_for(n_rows, 300, 24)
+    assert slots(10, max_prompts=4, kv_cache_gib=10_000 / 2**20) == 4  # max_prompts binds
+    assert slots(3, kv_cache_gib=10_000 / 2**20) == 3  # no more slots than rows
+    # the budget binds: 300 tokens of prefixes + 4 rows of 24 fit in 400, a fifth does not
+    assert slots(10, kv_cache_gib=400 / 2**20) == 4
+    assert slots(10, kv_cache_gib=100 / 2**20) == 1  # over budget: one row at a time, never none
 
 
 @pytest.fixture
-def llm_calls(tiny):
-    """(batch, sequence length) of every LLaMA forward while the engine runs (a forward pre-hook)."""
+def layer_calls(tiny):
+    """(batch, sequence length) of every pass through the LLaMA layers while the engine runs (a
+    forward hook on the first layer's query projection, which every pass goes through)."""
     calls = []
-
-    def hook(module, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        x = kwargs["input_ids"] if x is None else x
-        calls.append(tuple(x.shape[:2]))
-
-    handle = tiny.model.llm.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = tiny.model.llm.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, out: calls.append(tuple(args[0].shape[:2])))
     yield calls
     handle.remove()
 
 
-def test_the_prefix_is_prefilled_once_per_image_chunk_and_prompts_decode_together(tiny, llm_calls):
+def test_the_prefix_is_prefilled_once_per_image_chunk_and_prompts_decode_together(tiny, layer_calls):
     jobs = make_jobs()  # 1 + 6 + 18 + 4 prompts
     cfg = EngineConfig(max_new_tokens=5, min_new_tokens=5, max_images=3)
     out = RegionEngine(tiny, cfg).run(jobs)
-    calls = list(llm_calls)  # before the reference path below runs the LLM too
+    calls = list(layer_calls)  # before the reference path below runs the LLM too
     n_image = tiny.config.num_image_tokens
     rows = [sum(len(jobs[j].prompts) for j in chunk) for chunk in ([0, 1, 2], [3])]
     # per chunk: the prefix (image included) once for its images, every prompt's own tokens in one
@@ -165,15 +167,71 @@ def test_the_prefix_is_prefilled_once_per_image_chunk_and_prompts_decode_togethe
     assert_same(out, naive(tiny, jobs, max_new_tokens=5, min_new_tokens=5))
 
 
-def test_a_tight_kv_budget_splits_decoding_and_keeps_the_answers(tiny, llm_calls):
+def test_the_kv_cache_holds_each_prefix_once_not_once_per_row(tiny):
+    jobs = make_jobs((4, 16))  # 6 + 18 prompts
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=6))
+    engine.run(jobs)
+    ids = [tiny.tokenizer.encode(build_prompt(p.question)) for j in jobs for p in j.prompts]
+    prefix = len(engine._shared_prefix(ids))
+    assert prefix > tiny.config.num_image_tokens  # the image is in the shared prefix
+    width = max(len(i) for i in ids) - prefix + 6
+    per_token = 2 * 2 * 64 * 4  # tiny, fp32: 2 layers x (K, V) x 64 wide x 4 bytes
+    assert engine.peak_kv_bytes == (2 * prefix + len(ids) * width) * per_token  # the tensors the engine allocated
+    assert engine.peak_kv_bytes < len(ids) * prefix * per_token  # what copying the prefix into every row would hold
+
+
+def test_a_tight_kv_budget_refills_slots_and_keeps_the_answers(tiny, layer_calls, stops_sometimes):
     jobs = make_jobs((5,))  # 7 prompts
-    longest = max(len(tiny.tokenizer.encode(build_prompt(p.question))) for p in jobs[0].prompts)
-    per_row_kib = longest + 6  # prompt + answer tokens, 1 KiB each
-    out = RegionEngine(tiny, EngineConfig(max_new_tokens=6, kv_cache_gib=3 * per_row_kib / 2**20)).run(jobs)
-    prefills = sorted(b for b, t in llm_calls if 1 < t < tiny.config.num_image_tokens)
-    assert prefills == [1, 3, 3]  # the budget holds 3 rows; nothing else splits 7 prompts
-    assert max(b for b, t in llm_calls if t == 1) <= 3
-    assert_same(out, naive(tiny, jobs, max_new_tokens=6))
+    ids = [tiny.tokenizer.encode(build_prompt(p.question)) for p in jobs[0].prompts]
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=12))
+    prefix = len(engine._shared_prefix(ids))
+    per_row = max(len(i) for i in ids) - prefix + 12
+    engine = RegionEngine(tiny, EngineConfig(max_new_tokens=12, sync_every=2,
+                                             kv_cache_gib=(prefix + 3 * per_row) / 2**20))
+    out = engine.run(jobs)
+    calls = list(layer_calls)
+    decode = [b for b, t in calls if t == 1]
+    refills = [b for b, t in calls if 1 < t < tiny.config.num_image_tokens]
+    assert max(decode) == 3  # the budget holds 3 rows at a time
+    assert refills[0] == 3 and sum(refills) == 7 and len(refills) > 1  # ended rows' slots were refilled
+    assert_same(out, naive(tiny, jobs, max_new_tokens=12))
+
+
+def test_finished_rows_are_refilled_and_the_host_looks_only_every_few_steps(tiny, layer_calls, stops_at_varied_lengths,
+                                                                             monkeypatch):
+    from model import engine as engine_module
+
+    syncs = []
+    harvest = engine_module._Decoder._harvest
+    monkeypatch.setattr(engine_module._Decoder, "_harvest", lambda self, gens: syncs.append(1) or harvest(self, gens))
+    jobs = make_jobs((16, 16))  # 36 prompts
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=16, max_prompts=8, sync_every=2)).run(jobs)
+    decode = [b for b, t in layer_calls if t == 1]
+    prefills = [i for i, (b, t) in enumerate(layer_calls) if 1 < t < tiny.config.num_image_tokens]
+    assert_same(out, naive(tiny, jobs, max_new_tokens=16))
+    lengths = [len(g.token_ids) for row in out for g in row]
+    assert 1 in lengths and 16 in lengths  # the answers really end at different steps
+    # fixed batches of 8 would take as many steps as their longest answers; refilled slots take far fewer
+    fixed = sum(max(lengths[i:i + 8]) - 1 for i in range(0, len(lengths), 8))
+    assert len(decode) < 0.7 * fixed
+    first_decode = next(i for i, (b, t) in enumerate(layer_calls) if t == 1)
+    assert len([i for i in prefills if i > first_decode]) > 36 // 8  # slots refilled between decode steps
+    assert len(syncs) <= len(decode) // 2 + 2  # the host looked once per 2 steps, not at every step
+
+
+def test_two_images_with_the_same_prompts_get_their_own_answers(tiny):
+    """Rows of different images decode in one batch and read only their own image's prefix."""
+    rs = np.random.RandomState(7)
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]])
+    prompts = [RegionPrompt(q, (i % 2,)) for i, q in enumerate(QUESTIONS)]
+    images = [rs.randint(0, 256, (60, 80, 3)).astype(np.uint8), rs.randint(0, 256, (50, 70, 3)).astype(np.uint8)]
+    jobs = [ImageJob(im, boxes, prompts) for im in images]
+    together = RegionEngine(tiny, EngineConfig(max_new_tokens=10, max_prompts=4, sync_every=3)).run(jobs)
+    alone = [RegionEngine(tiny, EngineConfig(max_new_tokens=10)).run([job])[0] for job in jobs]
+    for a, b in zip(together, alone):
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+        np.testing.assert_allclose([g.logprobs for g in a], [g.logprobs for g in b], rtol=1e-5, atol=1e-5)
+    assert [g.token_ids for g in together[0]] != [g.token_ids for g in together[1]]
 
 
 def test_prompts_naming_missing_regions_are_refused(tiny):
