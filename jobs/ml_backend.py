@@ -196,14 +196,23 @@ class Predictor:
             raise ValueError(result.error)
         row = result_to_row(result)
         labels = [r["label"] for r in row["regions"]]
-        spec = spec or ConfigSpec()
-        spec = ConfigSpec(list(dict.fromkeys([*spec.classes, *labels])), spec.attributes,
-                          [*spec.predicates, *[r["predicate"] for r in row["relations"] if r["predicate"]]])
+        predicates = [r["predicate"] for r in row["relations"] if r["predicate"]]
+        spec = spec or ConfigSpec()  # the project's config: its flags and relation list are kept
+        spec = dataclasses.replace(spec, classes=list(dict.fromkeys([*spec.classes, *labels])),
+                                   predicates=list(dict.fromkeys([*spec.predicates, *predicates])))
         items, score = row_to_result(row, spec)
         if drawn:  # attach to the drawn boxes: their ids, and no second rectangle
-            ids = {f"r{k}": r.get("id") for k, r in enumerate(drawn)}
-            items = [{**i, "id": ids[i["id"]]} for i in items if i["type"] != "rectanglelabels"]
+            items = [_to_drawn(i, {f"r{k}": r.get("id") for k, r in enumerate(drawn)})
+                     for i in items if i["type"] != "rectanglelabels"]
         return {"result": items, "score": score, "model_version": self.cfg.model_version}
+
+
+def _to_drawn(item: dict, ids: dict[str, str]) -> dict:
+    """A result item of region ``r{k}`` moved onto the k-th drawn box: a region's items by their
+    ``id``, a relation by its two ends; image-level items (the relation list) stay as they are."""
+    if item["type"] == "relation":
+        return {**item, "from_id": ids[item["from_id"]], "to_id": ids[item["to_id"]]}
+    return {**item, "id": ids[item["id"]]} if item.get("id") in ids else item
 
 
 # Requests -----------------------------------------------------------------------------------------

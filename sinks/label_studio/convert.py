@@ -6,12 +6,13 @@ rectangle is ``x``, ``y``, ``width``, ``height`` in percent of the original imag
 top-left corner. ``pixels_to_percent`` and ``percent_box_to_pixels`` are the only two places that
 convert between them.
 
-Region ``k`` of a row is Label Studio region id ``r{k}``: its rectangle, caption text area and
-attribute choices share the id, and relations link ids.
+Region ``k`` of a row is Label Studio region id ``r{k}`` (shown as number k + 1): its rectangle,
+caption text area, attribute choices and flags share the id, and relations link ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Iterable, Sequence
 from urllib.parse import parse_qs, quote, urlsplit
 
 from sinks.label_studio.errors import TaskError
-from sinks.label_studio.labeling import CAPTION, CAPTION_ANSWERS, IMAGE, REGION, ConfigSpec
+from sinks.label_studio.labeling import (
+    CAPTION, CAPTION_ANSWERS, FLAGS, IMAGE, REGION, RELATION_LIST, ConfigSpec, flag_value,
+)
 
 IMAGE_MODES = ("local-files", "upload", "url")
 LOCAL_FILES_PATH = "/data/local-files/"  # the server serves local files here, ?d=PATH under its document root
@@ -58,64 +61,124 @@ def percent_box_to_pixels(result: dict, task_id=None) -> list[float]:
 
 # Rows -> prediction results -----------------------------------------------------------------------
 
-def row_to_result(row: dict, spec: ConfigSpec) -> tuple[list[dict], float | None]:
+def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None) -> tuple[list[dict], float | None]:
     """The prediction ``result`` list and score of one ``ok`` row; raises ``TaskError`` for a row
     that would make an invalid prediction (a box outside the image, a relation to a missing
-    region, a value the labeling config does not offer)."""
+    region, a value the labeling config does not offer).
+
+    Each region gives its rectangle (scored by the detector), caption and attribute choices (scored
+    by the answer's confidence) and, when its box label disagrees with a compared answer, a flag
+    (``pipeline.review``). At most ``max_relations`` relations (None: all), the most confident
+    first, become Label Studio relations, and the same ones the image's read-only relation list
+    when the config has it (``ConfigSpec.relation_list``)."""
     key = row["image_id"]
     w, h = row.get("width") or 0, row.get("height") or 0
     if w <= 0 or h <= 0:
         raise TaskError(key, f"image size {w}x{h} is not positive")
-    result, ids, scores = [], set(), []
+    result, labels, scores = [], {}, []
     for region in row.get("regions") or []:
-        rid = f"r{region['region_id']}"
-        x1, y1, x2, y2 = region["box"]
-        tol = BOX_TOLERANCE
-        if not (-tol <= x1 < x2 <= w + tol and -tol <= y1 < y2 <= h + tol):
-            raise TaskError(key, f"region {region['region_id']} box {[round(v, 1) for v in region['box']]} "
-                                 f"lies outside the {w}x{h} image")
-        geometry = pixels_to_percent([max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))], w, h)
-        base = {"id": rid, "to_name": IMAGE, "original_width": int(w), "original_height": int(h), "image_rotation": 0}
-        label = region.get("label") or ""
-        if label not in spec.classes:
-            raise TaskError(key, f"region {region['region_id']} label {label!r} is not in the labeling config")
-        score = region.get("score")
-        rect = {**base, "from_name": REGION, "type": "rectanglelabels",
-                "value": {**geometry, "rectanglelabels": [label]}}
-        if score is not None:
-            rect["score"] = float(score)
-            scores.append(float(score))
-        result.append(rect)
-        if region.get("caption"):
-            result.append({**base, "from_name": CAPTION, "type": "textarea", "value": {**geometry, "text": [region["caption"]]}})
-        for a in region.get("answers") or []:
-            if a["name"] in CAPTION_ANSWERS or not a.get("value") or a["name"] not in spec.attributes:
-                continue
-            if a["value"] not in spec.attributes[a["name"]]:
-                raise TaskError(key, f"region {region['region_id']} {a['name']} {a['value']!r} is not in the labeling config")
-            result.append({**base, "from_name": a["name"], "type": "choices", "value": {**geometry, "choices": [a["value"]]}})
-        ids.add(rid)
-    for rel in row.get("relations") or []:
-        if not rel.get("predicate"):
-            continue  # an unparsed answer: kept in Parquet, nothing to show as a relation
-        a, b = f"r{rel['subject']}", f"r{rel['object']}"
-        if a not in ids or b not in ids:
-            raise TaskError(key, f"relation {rel['subject']} -{rel['predicate']}-> {rel['object']} names a region "
-                                 f"the row does not have (regions {sorted(int(i[1:]) for i in ids)})")
-        if rel["predicate"] not in spec.predicates:
-            raise TaskError(key, f"relation predicate {rel['predicate']!r} is not in the labeling config")
-        result.append({"type": "relation", "from_id": a, "to_id": b, "direction": "right", "labels": [rel["predicate"]]})
+        result += _region_results(key, region, spec, w, h)
+        labels[f"r{region['region_id']}"] = region.get("label") or ""
+        if region.get("score") is not None:
+            scores.append(float(region["score"]))
+    result += _relation_results(key, row.get("relations") or [], labels, spec, max_relations)
     return result, (sum(scores) / len(scores) if scores else None)
 
 
+def _region_results(key: str, region: dict, spec: ConfigSpec, w: int, h: int) -> list[dict]:
+    """A region's rectangle, caption, attribute choices and flags, all under its id ``r{k}``."""
+    from pipeline.review import confidence, label_disagreements
+
+    rid = f"r{region['region_id']}"
+    x1, y1, x2, y2 = region["box"]
+    tol = BOX_TOLERANCE
+    if not (-tol <= x1 < x2 <= w + tol and -tol <= y1 < y2 <= h + tol):
+        raise TaskError(key, f"region {region['region_id']} box {[round(v, 1) for v in region['box']]} "
+                             f"lies outside the {w}x{h} image")
+    geometry = pixels_to_percent([max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))], w, h)
+    base = {"id": rid, "to_name": IMAGE, "original_width": int(w), "original_height": int(h), "image_rotation": 0}
+    label = region.get("label") or ""
+    if label not in spec.classes:
+        raise TaskError(key, f"region {region['region_id']} label {label!r} is not in the labeling config")
+    rect = {**base, "from_name": REGION, "type": "rectanglelabels", "value": {**geometry, "rectanglelabels": [label]}}
+    if region.get("score") is not None:
+        rect["score"] = float(region["score"])
+    out = [rect]
+    if region.get("caption"):
+        caption = {**base, "from_name": CAPTION, "type": "textarea", "value": {**geometry, "text": [region["caption"]]}}
+        out.append(_scored(caption, confidence(region.get("caption_mean_logprob"), region.get("caption_min_logprob"))))
+    said = {}
+    for a in region.get("answers") or []:
+        if a["name"] in CAPTION_ANSWERS or not a.get("value") or a["name"] not in spec.attributes:
+            continue
+        if a["value"] not in spec.attributes[a["name"]]:
+            raise TaskError(key, f"region {region['region_id']} {a['name']} {a['value']!r} is not in the "
+                                 "labeling config")
+        said[a["name"]] = a["value"]
+        choice = {**base, "from_name": a["name"], "type": "choices", "value": {**geometry, "choices": [a["value"]]}}
+        out.append(_scored(choice, confidence(a.get("mean_logprob"), a.get("min_logprob"))))
+    flags = [flag_value(a) for a in label_disagreements(label, said, spec.label_attributes)]
+    if flags:
+        out.append({**base, "from_name": FLAGS, "type": "choices", "value": {**geometry, "choices": flags}})
+    return out
+
+
+def _relation_results(key: str, relations: list[dict], labels: dict[str, str], spec: ConfigSpec,
+                      max_relations: int | None) -> list[dict]:
+    """The most confident ``max_relations`` parsed relations as Label Studio relations, plus the
+    read-only list of them in words ("1 circle left of 3 star (0.98)": Label Studio numbers region
+    ``r{k}`` as k + 1)."""
+    from pipeline.review import confidence, top_relations
+
+    parsed = [r for r in relations if r.get("predicate")]  # an unparsed answer stays in Parquet only
+    for rel in parsed:
+        a, b = f"r{rel['subject']}", f"r{rel['object']}"
+        if a not in labels or b not in labels:
+            raise TaskError(key, f"relation {rel['subject']} -{rel['predicate']}-> {rel['object']} names a region "
+                                 f"the row does not have (regions {sorted(int(i[1:]) for i in labels)})")
+        if rel["predicate"] not in spec.predicates:
+            raise TaskError(key, f"relation predicate {rel['predicate']!r} is not in the labeling config")
+    confidences = [confidence(r.get("mean_logprob"), r.get("min_logprob")) for r in parsed]
+    kept = top_relations(list(zip(parsed, confidences)), confidences, max_relations)
+    out, lines = [], []
+    for rel, conf in kept:
+        a, b = f"r{rel['subject']}", f"r{rel['object']}"
+        out.append({"type": "relation", "from_id": a, "to_id": b, "direction": "right", "labels": [rel["predicate"]]})
+        lines.append(relation_line(rel["subject"], labels[a], rel["predicate"], rel["object"], labels[b], conf))
+    if lines and spec.relation_list:  # image-level, read-only: one line per relation
+        out.append({"id": RELATION_LIST, "from_name": RELATION_LIST, "to_name": IMAGE, "type": "textarea",
+                    "readonly": True, "value": {"text": lines}})
+    return out
+
+
+def relation_line(subject: int, subject_label: str, predicate: str, obj: int, object_label: str,
+                  conf: float | None) -> str:
+    """A relation in words with the region numbers annotators see (region k is number k + 1)."""
+    text = " ".join(f"{subject + 1} {subject_label} {predicate} {obj + 1} {object_label}".split())
+    return text + (f" ({conf:.2f})" if conf is not None else "")
+
+
+def _scored(item: dict, score: float | None) -> dict:
+    return {**item, "score": score} if score is not None else item
+
+
 def model_version_of(rows: Sequence[dict]) -> str:
-    """A model version from the rows' provenance (model, detector, templates): the fallback for an
-    output whose manifest has no fingerprints (``model_version_from_manifest``)."""
+    """A model version from the rows' provenance, for an output whose manifest has no fingerprints
+    (``model_version_from_manifest``): the model's and the detector's readable names, the question
+    templates' version and a short hash of the three specs (two models with the same file names in
+    other folders are two versions), e.g. ``roiscribe model-gpt4roi detector-yolo-best templates-v1
+    @1a2b3c4d``."""
     if not rows:
         return "roiscribe"
     r = rows[0]
-    text = f"roiscribe {Path(str(r.get('model') or '')).name} {Path(str(r.get('detector') or '')).name} {r.get('templates_version') or ''}"
-    return " ".join(text.replace(",", " ").split())
+    model, detector, templates = (str(r.get(k) or "") for k in ("model", "detector", "templates_version"))
+    if not (model or detector or templates):
+        return "roiscribe"
+    digest = hashlib.sha256(f"{model}\n{detector}\n{templates}".encode()).hexdigest()[:VERSION_HASH_CHARS]
+    parts = ["roiscribe", f"model-{_spec_name(model or 'unknown')}", f"detector-{_spec_name(detector or 'unknown')}"]
+    if templates:
+        parts.append("templates-" + "-".join(templates.replace(",", " ").split())[:VERSION_NAME_CHARS])
+    return " ".join(parts) + f" @{digest}"
 
 
 VERSION_NAME_CHARS = 32  # a spec's readable name in a model version is cut to this

@@ -35,7 +35,8 @@ from sinks.label_studio.convert import (
 )
 from sinks.label_studio.errors import LabelStudioError, TaskError, UnreachableError
 from sinks.label_studio.labeling import (
-    CAPTION, IMAGE_FIELD, KEY_FIELD, REGION, SHA_FIELD, ConfigSpec, labeling_config, spec_from_config, spec_from_rows,
+    CAPTION, IMAGE_FIELD, KEY_FIELD, REGION, SHA_FIELD, ConfigSpec, is_current_layout, labeling_config,
+    spec_from_config, spec_from_rows,
 )
 
 EXISTING_INCLUDE = "id,data,predictions_model_versions"  # the task fields the idempotence check reads
@@ -43,6 +44,7 @@ SCAN_COLUMNS = ["image_id", "status", "regions", "relations", "model", "detector
 TASK_ID_KEY = re.compile(r"^task:(\d+)$")  # a pulled task's key: the task with that id
 TASK_FILE = "tasks-{:06d}.json"  # write_task_files: one JSON array of tasks per chunk
 CONFIG_FILE = "labeling-config.xml"  # write_task_files: the labeling config the tasks need
+MAX_RELATIONS = 5  # relations per image pushed by default, the most confident first (arrows clutter busy scenes)
 
 
 @dataclass
@@ -56,6 +58,11 @@ class PushConfig:
     resyncs: int = 3  # fresh listings after a failed write before giving up
     settle_s: float = 3.0  # before a resync lists: two task counts this far apart must agree
     settle_timeout_s: float = 300.0  # ... within this long, or the push stops (run it again later)
+    max_relations: int | None = MAX_RELATIONS  # per image, the most confident first (None: all)
+
+    def __post_init__(self):
+        if self.max_relations is not None and self.max_relations < 0:
+            raise ValueError(f"max_relations must be >= 0 (or None for all), got {self.max_relations}")
 
 
 @dataclass
@@ -172,6 +179,10 @@ def scan_rows(source) -> Scan:
                 scan.spec = scan.spec.union(needed)
     if scan.ok + scan.errors == 0:
         raise LabelStudioError(f"{source.describe()} holds no rows to push (run `roiscribe caption` first)")
+    from pipeline.review import label_attributes  # imported here: the pipeline package imports numpy
+
+    # compared with the box label: what names every class of the whole output, not of one batch
+    scan.spec.label_attributes = label_attributes(scan.spec.classes, scan.spec.attributes)
     return scan
 
 
@@ -345,7 +356,7 @@ class _Sender:
                     self.changed.add(key)
                     self.report.image_changed.append((key, task.id))
                 try:
-                    pred = _prediction(row_to_result(row, self.spec), version)
+                    pred = _prediction(row_to_result(row, self.spec, self.cfg.max_relations), version)
                 except TaskError as e:
                     self._reject(e)
                     _advance(bar, 1)
@@ -397,7 +408,8 @@ def _ensure_project(client: LabelStudio, name_or_id: str, needed: ConfigSpec) ->
         raise LabelStudioError(
             f"project {project['id']} ({project.get('title')!r}) has a labeling config roiscribe did not write "
             f"(it needs RectangleLabels name={REGION!r} and TextArea name={CAPTION!r}); push into a new project")
-    if not current.covers(needed):  # new labels or values: extend, never remove
+    if not current.covers(needed) or not is_current_layout(project["label_config"]):
+        # new labels or values, or a config of an older roiscribe: extend (never remove) in the current layout
         project = client.update_project(int(project["id"]), label_config=labeling_config(current.union(needed)))
     return project
 
@@ -466,7 +478,7 @@ def _image_urls(rows: list[dict], images: ImageRefs, reject, client: LabelStudio
 # Task files: the same tasks, for a storage sync ---------------------------------------------------
 
 def write_task_files(rows, folder: str | Path, images: ImageRefs, model_version: str | None = None,
-                     chunk_size: int = 500) -> PushReport:
+                     chunk_size: int = 500, max_relations: int | None = MAX_RELATIONS) -> PushReport:
     """Write the tasks a push would create (data, key, image sha256 and one prediction each) as
     JSON files of ``chunk_size`` tasks (``tasks-000001.json``, ...) plus ``labeling-config.xml``,
     for a Label Studio cloud or local storage sync (import method "Tasks", ``.json`` files). Needs
@@ -496,7 +508,7 @@ def write_task_files(rows, folder: str | Path, images: ImageRefs, model_version:
             if row.get("status") != "ok":
                 continue
             try:
-                pred = _prediction(row_to_result(row, scan.spec), report.model_version)
+                pred = _prediction(row_to_result(row, scan.spec, max_relations), report.model_version)
             except TaskError as e:
                 reject(e)
                 continue

@@ -67,7 +67,7 @@ def test_caption_to_label_studio_then_pull_drawn_boxes(ls_server, ls_token, scen
     rects = [i for i in pulled[0]["result"] if i["type"] == "rectanglelabels"]
     assert len(rects) == 1 and rects[0]["value"]["x"] == pytest.approx(20.0, abs=1e-3)
     assert rects[0]["value"]["width"] == pytest.approx(30.0, abs=1e-3)
-    captions = [i for i in pulled[0]["result"] if i["type"] == "textarea"]
+    captions = [i for i in pulled[0]["result"] if i["from_name"] == "caption"]
     assert len(captions) == 1 and captions[0]["id"] == rects[0]["id"] and captions[0]["value"]["text"][0]
     for name in ("s0.png", "s2.png"):  # no boxes drawn: an empty prediction of the version
         (p,) = [p for p in by_key[key[name]]["predictions"] if p["model_version"] == "pulled"]
@@ -113,6 +113,19 @@ def test_ml_backend_answers_a_drawn_box_through_the_server(ls_server, ls_token, 
         # the same box asked directly gives the same caption: the backend runs the real engine
         direct = predictor.predict([task], "", {"result": context["result"]})[0]["result"]
         assert next(i for i in direct if i["from_name"] == "caption")["value"]["text"][0] == caption
+        # two drawn boxes under the project's own config: each box gets its own caption and the
+        # config's attribute choices, under its own id (relations are not asked interactively)
+        second = {**drawn_box(task["id"], w, h), "id": "drawn-2"}
+        second["value"] = {**second["value"], "x": 60.0, "y": 10.0, "width": 25.0, "height": 25.0}
+        config = LabelStudio(ls_server.url, ls_token).project("interactive")["label_config"]
+        both = predictor.predict([task], config, {"result": [drawn_box(task["id"], w, h), second]})[0]["result"]
+        from sinks.label_studio import spec_from_config
+
+        asked = set(spec_from_config(config).attributes)
+        assert "color" in asked
+        for box in ("drawn-1", "drawn-2"):
+            assert {i["from_name"] for i in both if i["id"] == box} == {"caption", *asked}
+        assert {i["id"] for i in both} == {"drawn-1", "drawn-2"}
     finally:
         backend.shutdown()
 

@@ -2,6 +2,7 @@
 pushes against a real Label Studio server."""
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -16,7 +17,10 @@ from sinks.label_studio import (
     UnreachableError, api_token, labeling_config, model_version_from_manifest, model_version_of,
     percent_box_to_pixels, pull_tasks, push, row_to_result, spec_from_config, spec_from_rows, write_task_files,
 )
-from sinks.label_studio.convert import local_files_path, pixels_to_percent
+from sinks.label_studio.convert import local_files_path, pixels_to_percent, relation_line
+from sinks.label_studio.labeling import (
+    FLAGS, LAYOUT, NO_HOTKEY, PALETTE, RELATION_LIST, is_current_layout, label_color,
+)
 from sinks.label_studio.push import _send_checked
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -95,6 +99,91 @@ def test_bad_rows_raise_task_errors_that_name_the_problem():
         row_to_result(unknown, spec)
 
 
+def shape_row(k: int = 0) -> dict:
+    """A row whose detector classes are shapes and whose model answers shape too (the demo's case):
+    region 1's label disagrees with its shape answer; four relations of different confidence."""
+    row = make_row(k, "a.png", n_regions=3)
+    shapes = ["circle", "circle", "circle"]  # region 1 is labelled "star"
+    for region, shape in zip(row["regions"], shapes):
+        region["caption_mean_logprob"], region["caption_min_logprob"] = -0.1, -0.2
+        region["answers"].append({"name": "shape", "value": shape, "raw": shape, "status": "ok",
+                                  "mean_logprob": -0.01, "min_logprob": -0.05})
+    def rel(subject, predicate, obj, min_logprob):
+        return {"subject": subject, "predicate": predicate, "object": obj, "raw": "" if predicate else "region1 is near",
+                "status": "ok" if predicate else "unknown", "mean_logprob": -0.1, "min_logprob": min_logprob}
+
+    row["relations"] = [rel(0, "left of", 1, -0.9), rel(1, "left of", 2, -0.1), rel(0, None, 2, -0.01),
+                        rel(2, "right of", 0, -0.3)]
+    return row
+
+
+def test_labeling_config_reads_well_titled_groups_colours_and_no_stray_hotkeys():
+    import xml.etree.ElementTree as ET
+
+    spec = spec_from_rows([shape_row()])
+    assert spec.label_attributes == ["shape"] and spec.relation_list
+    spec = spec.union(ConfigSpec([f"class{i}" for i in range(14)]))
+    root = ET.fromstring(labeling_config(spec))
+    assert root.get("className") == LAYOUT and spec_from_config(labeling_config(spec)) == spec
+    labels = root.findall(".//RectangleLabels/Label")
+    colours = [x.get("background") for x in labels]
+    assert len(set(colours)) == len(labels) == 16 and colours[:len(PALETTE)] == list(PALETTE)
+    assert label_color(40) not in PALETTE and label_color(40) == label_color(40)
+    # hotkeys 1..9, 0 for the first ten labels; none for the rest and for every choice
+    assert [x.get("hotkey") for x in labels] == [*"1234567890", *[NO_HOTKEY] * 6]
+    assert {x.get("hotkey") for x in root.iter("Choice")} == {NO_HOTKEY}
+    # every attribute's group has a title right before it, inside the selected region's fields
+    fields = root.find(".//View[@visibleWhen='region-selected']")
+    children = list(fields)
+    for name in ("color", "material", "shape", FLAGS):
+        (i,) = [i for i, c in enumerate(children) if c.tag == "Choices" and c.get("name") == name]
+        assert children[i - 1].tag == "Header" and children[i - 1].get("value") == name.capitalize()
+        assert children[i].get("perRegion") == "true" and children[i].get("layout") == "select"
+    assert [c.get("value") for c in root.find(f".//Choices[@name='{FLAGS}']")] == ["label ≠ shape"]
+    assert root.find(".//TextArea[@name='caption']").get("editable") == "true"
+    assert {t.get("name") for t in root.iter("TextArea")} == {"caption", RELATION_LIST}
+
+
+def test_old_layouts_are_recognised_and_reserved_names_refused():
+    old = ('<View><Image name="image" value="$image"/><RectangleLabels name="region" toName="image">'
+           '<Label value="circle"/></RectangleLabels><TextArea name="caption" toName="image" perRegion="true"/>'
+           '<Choices name="color" toName="image" perRegion="true"><Choice value="red"/></Choices>'
+           '<Relations><Relation value="above"/></Relations></View>')
+    spec = spec_from_config(old)
+    assert spec == ConfigSpec(["circle"], {"color": ["red"]}, ["above"], [], False)
+    assert not is_current_layout(old) and is_current_layout(labeling_config(spec))
+    assert "relation_list" not in labeling_config(spec)  # no lists: predictions for it carry none
+    with pytest.raises(ValueError, match="'flags' has a name the labeling config reserves"):
+        labeling_config(ConfigSpec(["a"], {"flags": ["x"]}))
+
+
+def test_disagreeing_regions_are_flagged_answers_scored_and_relations_capped():
+    row = shape_row()
+    spec = spec_from_rows([row])
+    items, _ = row_to_result(row, spec, max_relations=2)
+    flags = [(i["id"], i["value"]["choices"]) for i in items if i.get("from_name") == FLAGS]
+    assert flags == [("r1", ["label ≠ shape"])]  # labelled star, answered circle
+    shape = next(i for i in items if i.get("from_name") == "shape" and i["id"] == "r0")
+    caption = next(i for i in items if i.get("from_name") == "caption" and i["id"] == "r0")
+    assert shape["score"] == pytest.approx(math.exp(-0.05)) and caption["score"] == pytest.approx(math.exp(-0.2))
+    # the two most confident parsed relations (the unparsed one is never pushed)
+    rels = [(i["from_id"], i["labels"][0], i["to_id"]) for i in items if i["type"] == "relation"]
+    assert rels == [("r1", "left of", "r2"), ("r2", "right of", "r0")]
+    (rel_list,) = [i for i in items if i.get("from_name") == RELATION_LIST]
+    assert rel_list["value"]["text"] == ["2 star left of 3 circle (0.90)", "3 circle right of 1 circle (0.74)"]
+    assert relation_line(0, "circle", "above", 4, "", None) == "1 circle above 5"
+    everything, _ = row_to_result(row, spec)
+    assert sum(i["type"] == "relation" for i in everything) == 3
+    none = row_to_result(row, spec, 0)[0]
+    assert not [i for i in none if i["type"] == "relation" or i.get("from_name") == RELATION_LIST]
+    # a config without the relation list (an older layout) gets the flags but no list
+    bare = ConfigSpec(spec.classes, spec.attributes, spec.predicates, spec.label_attributes, relation_list=False)
+    names = {i.get("from_name") for i in row_to_result(row, bare)[0]}
+    assert FLAGS in names and RELATION_LIST not in names
+    with pytest.raises(ValueError, match="max_relations must be >= 0"):
+        PushConfig("http://x", "p", max_relations=-1)
+
+
 def test_image_refs(tmp_path):
     (tmp_path / "sub").mkdir()
     img = tmp_path / "sub" / "a b.png"
@@ -109,7 +198,13 @@ def test_image_refs(tmp_path):
         ImageRefs("local-files", str(tmp_path / "sub" / "deeper")).url(row)
     with pytest.raises(ValueError, match="document root"):
         ImageRefs("local-files")
-    assert "," not in model_version_of([make_row(0, "a")])
+    import hashlib
+
+    provenance = hashlib.sha256(b"/x/gpt4roi\nyolo:/x/detector.pt\nv1").hexdigest()[:8]
+    assert model_version_of([make_row(0, "a")]) == ("roiscribe model-gpt4roi detector-yolo-detector templates-v1 "
+                                                     f"@{provenance}")
+    moved = {**make_row(0, "a"), "model": "/y/gpt4roi"}  # same names, another checkpoint: another version
+    assert model_version_of([moved]) != model_version_of([make_row(0, "a")])
     assert local_files_path("/data/local-files/?d=sub/a%20b.png") == "sub/a b.png"
     assert local_files_path("http://h:8080/data/local-files/?d=x/y.png") == "x/y.png"
     assert local_files_path("/data/upload/3/a.png") is None
@@ -234,6 +329,8 @@ def read_back(task: dict, version: str) -> dict:
     for item in pred["result"]:
         if item["type"] == "relation":
             relations.append((int(item["from_id"][1:]), item["labels"][0], int(item["to_id"][1:])))
+            continue
+        if item["from_name"] == RELATION_LIST:  # the image's relations in words, not a region
             continue
         r = regions.setdefault(item["id"], {})
         v = item["value"]
@@ -409,6 +506,23 @@ def test_config_is_extended_not_replaced(ls_server, ls_token, images):
     spec = spec_from_config(LabelStudio(ls_server.url, ls_token).project("extend")["label_config"])
     assert spec.classes == ["circle", "star", "hexagon"]
     assert isinstance(spec, ConfigSpec)
+
+
+def test_a_config_of_an_older_layout_is_rewritten_keeping_what_it_offers(ls_server, ls_token, images):
+    client = LabelStudio(ls_server.url, ls_token)
+    old = ('<View><Image name="image" value="$image"/><RectangleLabels name="region" toName="image">'
+           '<Label value="square"/></RectangleLabels><TextArea name="caption" toName="image" perRegion="true" '
+           'editable="true" displayMode="region-list"/><Choices name="color" toName="image" perRegion="true">'
+           '<Choice value="teal"/></Choices><Relations><Relation value="above"/></Relations></View>')
+    client.create_project("old-layout", old)
+    push(rows_for(images, 2, offset=20100), PushConfig(ls_server.url, "old-layout", ImageRefs("upload"),
+                                                       model_version="v1"), progress=False)
+    config = client.project("old-layout")["label_config"]
+    spec = spec_from_config(config)
+    assert is_current_layout(config) and spec.relation_list
+    assert spec.classes[0] == "square" and spec.attributes["color"][0] == "teal" and "above" in spec.predicates
+    (task, _) = client.list_tasks(client.project("old-layout")["id"])
+    assert any(i.get("from_name") == RELATION_LIST for i in task["predictions"][0]["result"])
 
 
 def test_push_waits_for_a_restarted_server_and_completes_in_the_same_run(ls_server, ls_token, images):
