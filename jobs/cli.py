@@ -28,8 +28,20 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
                    help="prediction model_version (default: from the output's manifest: roiscribe version, model and "
                         "detector names with fingerprints of their weights, and of the answering config)")
     p.add_argument("--chunk-size", type=int, default=500, help="tasks per import request")
+    p.add_argument("--max-relations", type=_non_negative_int, default=5,
+                   help="relations pushed per image, the most confident first (default 5; 0: none)")
     p.add_argument("--retries", type=int, default=5,
                    help="read retries (exponential backoff from 1 s) while the server is unreachable")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
 
 
 def _version() -> str:
@@ -80,7 +92,9 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--device", default=d("auto"), help="cpu, cuda, cuda:N or auto (the default: a GPU if visible)")
     p.add_argument("--dtype", default=d("auto"), choices=("auto", "float32", "bfloat16", "float16"),
                    help="model weights and compute (auto: bfloat16 on CUDA, float32 elsewhere)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on every answer's length in tokens (default 1024; each kind of question has its own "
+                        "lower limit, [compose.answer_tokens] in the job config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,10 +378,11 @@ def _push(args, out: Path) -> int:
         raise UsageError("push needs --url and --project (or --task-files DIR to write task files instead)")
     try:
         if task_files is not None:
-            report = write_task_files(out, task_files, images, args.model_version, args.chunk_size)
+            report = write_task_files(out, task_files, images, args.model_version, args.chunk_size,
+                                      args.max_relations)
         else:
             cfg = PushConfig(args.url, args.project, images, model_version=args.model_version,
-                             chunk_size=args.chunk_size)
+                             chunk_size=args.chunk_size, max_relations=args.max_relations)
             report = push(out, cfg, client=_client(args.url, args.retries))
     except LabelStudioError as e:
         print(f"roiscribe push: {e}", file=sys.stderr)
@@ -436,11 +451,11 @@ def cmd_demo(args) -> int:
         print("note: random weights, so the answers are noise")
     from model.engine import ImageJob, RegionEngine, RegionPrompt
     from model.vision import normalize_boxes
+    from pipeline.compose import AnswerTokens, Templates
 
     names = list(SAMPLE_BOXES)
     boxes = [SAMPLE_BOXES[n] for n in names]
-    prompts = [RegionPrompt("What can you tell me about the region indicated by <region1> in the image?", (i,))
-               for i in range(len(boxes))]
+    prompts = [RegionPrompt(Templates().caption_brief, (i,), AnswerTokens().caption) for i in range(len(boxes))]
     job = ImageJob(image, normalize_boxes(boxes, *image.size), prompts)
     answers = RegionEngine(loaded, _engine(args)).run([job])[0]
     for i, (name, gen) in enumerate(zip(names, answers), 1):

@@ -296,7 +296,7 @@ def get_preset(name: str) -> GPT4RoIConfig:
 class EngineConfig:
     """How ``model.engine.RegionEngine`` answers a batch (lengths, memory bounds, sampling)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = 1024  # caps every answer (the official limit); prompts carry their own, lower limits
     min_new_tokens: int = 0  # stops are ignored before this many tokens (fixed-length benchmarks)
     max_images: int = 16  # images encoded per vision pass
     max_prompts: int = 256  # prompt rows decoded together

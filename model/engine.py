@@ -42,10 +42,12 @@ from .vision import ImageLike, preprocess
 
 @dataclass(frozen=True)
 class RegionPrompt:
-    """One question about an image. ``<regionK>`` in ``question`` is the image's box ``regions[K-1]``."""
+    """One question about an image. ``<regionK>`` in ``question`` is the image's box ``regions[K-1]``.
+    ``max_new_tokens`` limits this answer (the engine's ``max_new_tokens`` caps it; None: the cap)."""
 
     question: str
     regions: tuple[int, ...] = ()
+    max_new_tokens: int | None = None
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Row:
     prompt: int
     suffix: list[int]  # token ids after the shared prefix
     box_index: list[int]  # the image's box behind each <bbox> token of the prompt, in order
+    limit: int = 1  # answer tokens at most
 
 
 class StopTable:
@@ -129,7 +132,11 @@ class RegionEngine:
             for p, prompt in enumerate(jobs[j].prompts):
                 text = build_prompt(prompt.question)
                 prompt_ids.append(self.tokenizer.encode(text))
-                rows.append(_Row(local, p, [], self._box_index(prompt, text, len(boxes[local]), j)))
+                cap = self.config.max_new_tokens
+                limit = cap if prompt.max_new_tokens is None else min(prompt.max_new_tokens, cap)
+                if limit < 1:
+                    raise ValueError(f"job {j}: prompt {prompt.question!r} allows {limit} answer tokens; it needs >= 1")
+                rows.append(_Row(local, p, [], self._box_index(prompt, text, len(boxes[local]), j), limit))
         if not rows:
             return
         prefix = self._shared_prefix(prompt_ids) if self.config.share_prefix else []
@@ -231,8 +238,8 @@ class _Decoder:
         self.features, self.region_tokens = features, region_tokens
         cfg, model = engine.config, engine.model
         self.device, self.dtype = model.device, model.dtype
-        self.max_new = cfg.max_new_tokens
-        self.width = max(len(r.suffix) for r in rows) + self.max_new  # own tokens a slot can hold
+        self.max_new = max(r.limit for r in rows)
+        self.width = max(len(r.suffix) + r.limit for r in rows)  # own tokens a slot can hold
         n_prefix_images = prefix_kv.images if prefix_kv else 0
         self.n_slots = engine.slots_for(len(rows), n_prefix_images * prefix_len, self.width)
         l = model.config.llm
@@ -253,10 +260,12 @@ class _Decoder:
         self.stopped = torch.zeros(n, dtype=torch.bool, device=self.device)  # the stop string seen
         self.done = torch.ones(n, dtype=torch.bool, device=self.device)  # empty slots count as done
         self.last = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.limit = torch.ones(n, dtype=torch.long, device=self.device)  # answer tokens allowed per slot
         self.slot_row: list[int | None] = [None] * n
         self.slot_image = torch.zeros(n, dtype=torch.long, device=self.device)
         self.host_length = [0] * n  # ``length`` of the slots holding a row, known without a sync
         self.host_steps = [0] * n  # answer tokens picked per slot holding a row
+        self.host_limit = [0] * n
         self.generator = (torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.do_sample else None)
         self.eos = model.config.tokens.eos_id
 
@@ -274,7 +283,7 @@ class _Decoder:
             if not active:
                 break
             for _ in range(cfg.sync_every):
-                if all(self.host_steps[s] >= self.max_new for s in active):
+                if all(self.host_steps[s] >= self.host_limit[s] for s in active):
                     break  # every answer has reached its limit: no step can add anything
                 self._decode_step()
             free += self._harvest(gens)
@@ -320,9 +329,10 @@ class _Decoder:
         self.stopped[slots] = False
         self.done[slots] = False
         self.slot_image[slots] = images
+        self.limit[slots] = torch.tensor([r.limit for r in rows], device=self.device)
         for (slot, row), r in zip(take, rows):
             self.slot_row[slot] = row
-            self.host_length[slot], self.host_steps[slot] = len(r.suffix), 1
+            self.host_length[slot], self.host_steps[slot], self.host_limit[slot] = len(r.suffix), 1, r.limit
         self._advance(slots, self._logits(last))
 
     # Decoding ----------------------------------------------------------------------------------
@@ -369,7 +379,7 @@ class _Decoder:
         run, hit = self.e.stops.step(self.run_[slots], ids)
         stopped = self.stopped[slots] | hit
         may_stop = step + 1 >= cfg.min_new_tokens
-        ended = ~done & ((may_stop & (stopped | (ids == self.eos))) | (step + 1 >= self.max_new))
+        ended = ~done & ((may_stop & (stopped | (ids == self.eos))) | (step + 1 >= self.limit[slots]))
         self.run_[slots], self.stopped[slots] = run, stopped
         self.step[slots] = torch.where(done, step, step + 1)
         self.done[slots] = done | ended
@@ -399,11 +409,12 @@ class _Decoder:
         keep = [s for s, r in enumerate(self.slot_row) if r is not None]
         index = torch.tensor(keep, device=self.device, dtype=torch.long)
         self.own_k, self.own_v = self.own_k[:, index], self.own_v[:, index]
-        for name in ("length", "step", "out_ids", "out_lp", "run_", "stopped", "done", "last", "slot_image"):
+        for name in ("length", "step", "out_ids", "out_lp", "run_", "stopped", "done", "last", "slot_image", "limit"):
             setattr(self, name, getattr(self, name)[index])
         self.slot_row = [self.slot_row[s] for s in keep]
         self.host_length = [self.host_length[s] for s in keep]
         self.host_steps = [self.host_steps[s] for s in keep]
+        self.host_limit = [self.host_limit[s] for s in keep]
         self.n_slots = len(keep)
         return []
 

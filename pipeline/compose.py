@@ -37,6 +37,27 @@ class Templates:
 
 
 @dataclass(frozen=True)
+class AnswerTokens:
+    """The longest answer, in tokens, each kind of question may get (``engine.max_new_tokens``
+    caps them all). A brief caption of one region is a phrase; a detailed one is a paragraph (the
+    official demo allowed 1024 tokens for its free-form answers); an attribute is a word or two; a
+    relation names both regions and a predicate."""
+
+    caption: int = 64
+    caption_detailed: int = 512
+    attribute: int = 16
+    relation: int = 32
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"answer_tokens.{name} must be a whole number >= 1, got {value!r}")
+
+    def of(self, kind: str, field_name: str) -> int:
+        return self.caption_detailed if field_name == "caption_detailed" else getattr(self, kind)
+
+
+@dataclass(frozen=True)
 class ComposeConfig:
     captions: tuple[str, ...] = ("brief",)  # any of "brief", "detailed"
     attributes: tuple[str, ...] = ("color", "shape", "material", "action")
@@ -45,6 +66,7 @@ class ComposeConfig:
     nearest_k: int = 2  # besides overlapping pairs, each region's k nearest neighbours
     max_size_ratio: float = 50.0  # skip pairs whose areas differ more than this
     templates: Templates = field(default_factory=Templates)
+    answer_tokens: AnswerTokens = field(default_factory=AnswerTokens)
 
     def __post_init__(self) -> None:
         unknown = set(self.captions) - {"brief", "detailed"}
@@ -64,22 +86,23 @@ class Instruction:
     field: str
     question: str
     regions: tuple[int, ...]
+    max_new_tokens: int | None = None  # the answer's length limit (``ComposeConfig.answer_tokens``)
 
 
 def compose(regions: Regions, config: ComposeConfig = ComposeConfig()) -> list[Instruction]:
     """All instructions for one image, in a deterministic order: per region its captions and
     attributes (regions in their given order), then the selected pairs."""
-    t = config.templates
+    t, limit = config.templates, config.answer_tokens
     out: list[Instruction] = []
     for i in range(len(regions)):
         for kind in config.captions:
-            template = t.caption_brief if kind == "brief" else t.caption_detailed
-            out.append(Instruction("caption", "caption" if kind == "brief" else "caption_detailed", template, (i,)))
+            template, name = (t.caption_brief, "caption") if kind == "brief" else (t.caption_detailed, "caption_detailed")
+            out.append(Instruction("caption", name, template, (i,), limit.of("caption", name)))
         for name in config.attributes:
-            out.append(Instruction("attribute", name, t.attributes[name], (i,)))
+            out.append(Instruction("attribute", name, t.attributes[name], (i,), limit.attribute))
     if config.relations:
         for i, j in select_pairs(regions, config):
-            out.append(Instruction("relation", "relation", t.relation, (i, j)))
+            out.append(Instruction("relation", "relation", t.relation, (i, j), limit.relation))
     return out
 
 

@@ -84,7 +84,7 @@ def describe_stage(results: list[ImageResult], engine, config: PipelineConfig) -
         t = time.perf_counter()
         plans = [compose(r.regions, config.compose) for r in batch]
         jobs = [ImageJob(r.image.array, r.regions.normalized(r.width, r.height),
-                         [RegionPrompt(ins.question, ins.regions) for ins in plan])
+                         [RegionPrompt(ins.question, ins.regions, ins.max_new_tokens) for ins in plan])
                 for r, plan in zip(batch, plans)]
         generations = engine.run(jobs)
         for result, plan, gens in zip(batch, plans, generations):

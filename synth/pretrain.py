@@ -43,6 +43,7 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this before every step
     save_every: int = 250
     keep_checkpoints: int = 2
     seed: int = 0
@@ -141,7 +142,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         for step, batch in steps(start, cfg.steps, per_epoch, epoch):
             loss, acc = pretrain_loss(loaded, heads, batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)

@@ -143,6 +143,22 @@ def test_resources_that_cannot_fit_are_refused():
     assert check_resources(RunnerConfig(describe_actors=2), {"CPU": 2.0}) == (2, 0.0)
 
 
+def test_a_ray_job_whose_pools_cannot_fit_is_refused_before_it_starts(ray_local, coco_world, tmp_path):
+    """The job itself checks the cluster (2 CPUs, no GPU here) before any actor is asked for:
+    otherwise it would wait forever for actors that can never be placed."""
+    import time
+
+    source = open_source(str(coco_world))
+    for runner, message in ((RunnerConfig(mode="ray", describe_actors=3), "need 3 CPUs"),
+                            (RunnerConfig(mode="ray", gpus_per_describe_actor=1.0), "x 1 GPUs do not fit the cluster's 0 GPUs")):
+        out = tmp_path / message.split()[-1]
+        t = time.monotonic()
+        with pytest.raises(ResourceError, match=message):
+            run_caption(job(coco_world, out, runner=runner), source, progress=False)
+        assert time.monotonic() - t < runner.actor_start_timeout_s  # refused, not timed out waiting
+        assert not list(out.glob("*.parquet"))
+
+
 def test_describe_actors_auto_fill_the_cluster():
     auto = RunnerConfig()
     assert auto.actors({"CPU": 2.0}, batches=100) == (2, 0.0)

@@ -74,6 +74,26 @@ def test_describe_answers_and_refuses_bad_input(tmp_path):
     assert r.returncode == 2 and "write random:tiny" in r.stderr
 
 
+def test_describe_gives_each_region_its_own_box(tmp_path):
+    """``<regionN>`` is the N-th ``--box``: with the red square left of the green circle the shipped
+    model says so, and the boxes given the other way round turn the answer around."""
+    from PIL import ImageDraw
+
+    wide = Image.new("RGB", (360, 120), (128, 128, 128))
+    draw = ImageDraw.Draw(wide)
+    draw.rectangle((20, 20, 100, 100), fill=(220, 40, 40))
+    draw.ellipse((140, 20, 220, 100), fill=(40, 170, 60))
+    wide.save(tmp_path / "wide.png")
+    question = "What is the relationship between <region1> and <region2>?"
+    square, circle = "20,20,100,100", "140,20,220,100"
+    r = run("describe", str(tmp_path / "wide.png"), "--box", square, "--box", circle, question)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "region1 is left of region2"
+    r = run("describe", str(tmp_path / "wide.png"), "--box", circle, "--box", square, question)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "region1 is right of region2"
+
+
 def test_an_unexpected_error_is_a_traceback_and_exit_1(tmp_path):
     """Only bad arguments or config exit 2; a failure inside (here a corrupt checkpoint) shows its
     traceback and a one-line summary, so a bug is never reported as a usage error."""

@@ -194,6 +194,8 @@ def test_a_tight_kv_budget_refills_slots_and_keeps_the_answers(tiny, layer_calls
     refills = [b for b, t in calls if 1 < t < tiny.config.num_image_tokens]
     assert max(decode) == 3  # the budget holds 3 rows at a time
     assert refills[0] == 3 and sum(refills) == 7 and len(refills) > 1  # ended rows' slots were refilled
+    # the image's prefix is prefilled once, however many refills its rows take
+    assert [b for b, t in calls if t >= tiny.config.num_image_tokens] == [1]
     assert_same(out, naive(tiny, jobs, max_new_tokens=12))
 
 
@@ -217,6 +219,7 @@ def test_finished_rows_are_refilled_and_the_host_looks_only_every_few_steps(tiny
     first_decode = next(i for i, (b, t) in enumerate(layer_calls) if t == 1)
     assert len([i for i in prefills if i > first_decode]) > 36 // 8  # slots refilled between decode steps
     assert len(syncs) <= len(decode) // 2 + 2  # the host looked once per 2 steps, not at every step
+    assert [b for b, t in layer_calls if t >= tiny.config.num_image_tokens] == [2]  # both prefixes, once
 
 
 def test_two_images_with_the_same_prompts_get_their_own_answers(tiny):
@@ -275,3 +278,18 @@ def test_stop_table_finds_the_stop_string_on_ids(pieces, stops_at):
     assert hit_at == stops_at
     text = "".join(pieces)
     assert (stops_at is not None) == ("###" in text)
+
+
+def test_each_prompt_gets_its_own_answer_limit_under_the_cap(tiny):
+    jobs = make_jobs((5,))
+    limits = [3, None, 9, 1, 20, 5, 2]  # None: the engine's cap
+    jobs[0].prompts = [RegionPrompt(p.question, p.regions, k) for p, k in zip(jobs[0].prompts, limits)]
+    out = RegionEngine(tiny, EngineConfig(max_new_tokens=12, max_prompts=3, sync_every=2)).run(jobs)[0]
+    assert [len(g.token_ids) for g in out] == [min(k or 12, 12) for k in limits]  # the random model never stops
+    for g, p, k in zip(out, jobs[0].prompts, limits):
+        ref = generate_reference(tiny.model, tiny.tokenizer, jobs[0].image, jobs[0].boxes[list(p.regions)],
+                                 build_prompt(p.question), max_new_tokens=min(k or 12, 12))
+        assert g.token_ids == ref.token_ids
+    jobs[0].prompts[0] = RegionPrompt(jobs[0].prompts[0].question, (0,), 0)
+    with pytest.raises(ValueError, match="allows 0 answer tokens"):
+        RegionEngine(tiny).run(jobs)

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.compose import ComposeConfig, Instruction, Templates, compose, select_pairs
+from pipeline.compose import AnswerTokens, ComposeConfig, Instruction, Templates, compose, select_pairs
 from pipeline.records import Regions
 
 
@@ -23,20 +23,24 @@ def test_compose_per_region_then_pairs():
     regions = Regions.from_boxes([[0, 0, 10, 10], [5, 5, 15, 15]])
     cfg = ComposeConfig(captions=("brief", "detailed"), attributes=("color",), max_pairs=3)
     assert compose(regions, cfg) == [
-        Instruction("caption", "caption", Templates().caption_brief, (0,)),
-        Instruction("caption", "caption_detailed", Templates().caption_detailed, (0,)),
-        Instruction("attribute", "color", "What is the color of <region1>?", (0,)),
-        Instruction("caption", "caption", Templates().caption_brief, (1,)),
-        Instruction("caption", "caption_detailed", Templates().caption_detailed, (1,)),
-        Instruction("attribute", "color", "What is the color of <region1>?", (1,)),
-        Instruction("relation", "relation", "What is the relationship between <region1> and <region2>?", (0, 1)),
+        Instruction("caption", "caption", Templates().caption_brief, (0,), 64),
+        Instruction("caption", "caption_detailed", Templates().caption_detailed, (0,), 512),
+        Instruction("attribute", "color", "What is the color of <region1>?", (0,), 16),
+        Instruction("caption", "caption", Templates().caption_brief, (1,), 64),
+        Instruction("caption", "caption_detailed", Templates().caption_detailed, (1,), 512),
+        Instruction("attribute", "color", "What is the color of <region1>?", (1,), 16),
+        Instruction("relation", "relation", "What is the relationship between <region1> and <region2>?", (0, 1), 32),
     ]
+    short = ComposeConfig(captions=("detailed",), attributes=(), answer_tokens=AnswerTokens(caption_detailed=100))
+    assert [i.max_new_tokens for i in compose(regions, short)] == [100, 100, 32]
+    with pytest.raises(ValueError, match="answer_tokens.relation must be a whole number >= 1"):
+        AnswerTokens(relation=0)
 
 
 def test_custom_templates_and_refusals():
     t = Templates(version="mine", attributes={"size": "How big is <region1>?"})
     got = compose(Regions.from_boxes([[0, 0, 4, 4]]), ComposeConfig(captions=(), attributes=("size",), templates=t))
-    assert got == [Instruction("attribute", "size", "How big is <region1>?", (0,))]
+    assert got == [Instruction("attribute", "size", "How big is <region1>?", (0,), 16)]
     with pytest.raises(ValueError, match="no template for attributes \\['texture'\\]"):
         ComposeConfig(attributes=("texture",))
     with pytest.raises(ValueError, match="unknown caption kinds"):

@@ -91,3 +91,27 @@ def test_each_stage_times_itself_amortised_per_image(tiny, images):
         assert t["decode"] < 0.08, t  # a small PNG, decoded alone
         assert 0.1 <= t["detect"] < 0.4, t  # 0.2 s for the batch of two
         assert t["describe"] >= 0.5, t  # 1 s for the batch of two, plus the engine
+
+
+def test_each_kind_of_question_gets_its_answer_limit(images, tiny):
+    """``ComposeConfig.answer_tokens`` reaches the engine: a random model never stops on its own,
+    so every answer is exactly as long as its kind allows (under the engine's cap)."""
+    from pipeline.compose import AnswerTokens
+
+    sources, boxes = images
+    recorded = []
+
+    class Recording(RegionEngine):
+        def run(self, jobs):
+            out = super().run(jobs)
+            recorded.extend((p, g) for job, gens in zip(jobs, out) for p, g in zip(job.prompts, gens))
+            return out
+
+    config = PipelineConfig(engine=EngineConfig(max_new_tokens=9), postprocess=None, batch_size=8, compose=ComposeConfig(
+        captions=("brief", "detailed"), attributes=("color",), answer_tokens=AnswerTokens(caption=5, attribute=2,
+                                                                                          relation=3)))
+    results = run_stages(sources[:1], boxes, Recording(tiny, config.engine), config)
+    assert results[0].ok
+    lengths = {(p.question, len(g.token_ids)) for p, g in recorded}
+    t = config.compose.templates
+    assert lengths == {(t.caption_brief, 5), (t.caption_detailed, 9), (t.attributes["color"], 2), (t.relation, 3)}

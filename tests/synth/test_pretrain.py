@@ -69,6 +69,40 @@ def test_pretraining_checkpoints_and_resumes(world, tmp_path):
     assert changed == {"vision_tower", "spi_module"}
 
 
+def test_each_step_clips_the_gradient_norm_and_follows_the_schedule(world, tmp_path):
+    """Seen from the optimizer (a global step pre-hook): the gradient of the vision side and the
+    heads never has a norm above ``grad_clip``, although unclipped it would, and the LR is warmup +
+    cosine at every step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from model.loop import warmup_cosine
+
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append((float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+                     optimizer.param_groups[0]["lr"]))
+
+    def norms_and_lrs(grad_clip):
+        seen.clear()
+        cfg = PretrainConfig(world=str(world), out=str(tmp_path / f"clip{grad_clip}"), init="random:tiny", steps=4,
+                             batch_size=2, save_every=4, warmup_steps=2, lr=1e-3, grad_clip=grad_clip)
+        handle = register_optimizer_step_pre_hook(before_step)
+        try:
+            pretrain(cfg, progress=False)
+        finally:
+            handle.remove()
+        return [n for n, _ in seen], [lr for _, lr in seen]
+
+    unclipped, lrs = norms_and_lrs(1e9)
+    assert len(unclipped) == 4 and min(unclipped) > 0.05
+    assert lrs == pytest.approx([1e-3 * warmup_cosine(2, 4)(s) for s in range(4)])
+    clipped, _ = norms_and_lrs(0.05)
+    assert all(n <= 0.05 * 1.001 for n in clipped), clipped
+    assert clipped[0] == pytest.approx(0.05, rel=1e-3)
+
+
 def test_init_is_a_model_spec(tmp_path, monkeypatch):
     (tmp_path / "tiny").mkdir()  # a folder that is not a checkpoint does not shadow a spec
     monkeypatch.chdir(tmp_path)
