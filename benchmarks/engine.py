@@ -1,12 +1,17 @@
 """Engine vs the naive path (the official way: one prompt at a time, image re-encoded per prompt).
 
 Same model, images, boxes and prompts for both; answers forced to a fixed length so both paths do
-the same work. Prints images/s, regions/s, generated tokens/s, peak memory and engine/naive, and
-checks that the two paths generated the same tokens.
+the same work. For each number of regions per image (one prompt per region): a warm-up of both
+paths, then ``--repeats`` timed runs of each, reported as the median and the spread (min-max) of
+regions/s, ``engine/naive: <ratio>x regions/s`` (ratio of the medians), ``identical token ids:
+<n>/<n> prompts`` (engine vs naive, prompt by prompt) and ``kv cache: <peak> MiB peak for <rows>
+rows (copied prefix: <MiB> MiB)``: the engine's largest KV cache (each image's prefix once, each
+row its own question and answer), beside what copying the prefix into each of those rows would
+hold.
 
-    python -m benchmarks.engine --preset tiny --images 4 --regions 16            # CPU
-    python -m benchmarks.engine --preset gpt4roi-7b --device cuda --images 16 \\
-        --regions 20 --naive-images 1 --kv-gib 40                               # GPU, bf16
+    python -m benchmarks.engine --preset demo --images 8 --regions 5 16 20 50    # CPU, fp32
+    python -m benchmarks.engine --preset gpt4roi-7b --device cuda --dtype float16 --images 16 \\
+        --regions 5 20 50 --naive-images 1 --naive-prompts 8 --kv-gib 40         # GPU (benchmarks/gpu.sh)
 
 Needs only torch, torchvision, transformers, numpy and pillow (runs from a source checkout).
 """
@@ -17,6 +22,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import random_init, random_init_on_device
+from model.config import get_preset
 from model.engine import EngineConfig, ImageJob, RegionEngine, RegionPrompt
 from model.generate import generate_reference
 from model.prompt import build_prompt
@@ -64,12 +71,13 @@ def peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS (peak so far)"
 
 
-def run_naive(loaded, jobs, tokens: int, device: str):
+def run_naive(loaded, jobs, tokens: int, device: str, max_prompts: int | None = None):
+    """The naive path over ``jobs`` (at most ``max_prompts`` prompts of each) -> (answers, seconds)."""
     sync(device)
     t = time.perf_counter()
     out = [[generate_reference(loaded.model, loaded.tokenizer, j.image, torch.as_tensor(j.boxes)[list(p.regions)],
                                build_prompt(p.question), max_new_tokens=tokens, min_new_tokens=tokens)
-            for p in j.prompts] for j in jobs]
+            for p in j.prompts[:max_prompts]] for j in jobs]
     sync(device)
     return out, time.perf_counter() - t
 
@@ -80,16 +88,28 @@ def run_engine(loaded, jobs, cfg: EngineConfig, device: str):
     t = time.perf_counter()
     out = engine.run(jobs)
     sync(device)
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, engine
 
 
-def rates(name, jobs, gens, seconds) -> dict:
-    regions = sum(len(j.prompts) for j in jobs)
-    tokens = sum(len(g.token_ids) for row in gens for g in row)
-    r = {"path": name, "images": len(jobs), "regions": regions, "seconds": round(seconds, 3),
-         "images_per_s": len(jobs) / seconds, "regions_per_s": regions / seconds, "tokens_per_s": tokens / seconds}
-    print(f"{name:>6}: {len(jobs)} images, {regions} regions, {tokens} tokens in {seconds:.2f} s -> "
-          f"{r['images_per_s']:.2f} images/s, {r['regions_per_s']:.2f} regions/s, {r['tokens_per_s']:.1f} tokens/s")
+def timed(name: str, run, repeats: int, device: str) -> dict:
+    """``repeats`` runs of ``run() -> (answers, seconds, ...)``: the answers of the last, the median
+    and spread of regions/s and tokens/s, and the peak memory of the runs."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(repeats):
+        out, s, *rest = run()
+        seconds.append(s)
+    regions = sum(len(row) for row in out)
+    tokens = sum(len(g.token_ids) for row in out for g in row)
+    med = statistics.median(seconds)
+    r = {"path": name, "regions": regions, "tokens": tokens, "repeats": repeats, "seconds": seconds,
+         "median_s": med, "regions_per_s": regions / med, "regions_per_s_min": regions / max(seconds),
+         "regions_per_s_max": regions / min(seconds), "tokens_per_s": tokens / med, "peak_memory": peak_memory(device),
+         "answers": out, "extra": rest}
+    print(f"{name:>6}: {regions} regions, {tokens} tokens: {r['regions_per_s']:.2f} regions/s "
+          f"(median of {repeats}; {r['regions_per_s_min']:.2f}-{r['regions_per_s_max']:.2f}), "
+          f"{r['tokens_per_s']:.1f} tokens/s; peak memory {r['peak_memory']}")
     return r
 
 
@@ -114,10 +134,13 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=4, help="images the engine gets")
+    ap.add_argument("--regions", type=int, nargs="+", default=[5, 20, 50], help="regions (= prompts) per image")
     ap.add_argument("--naive-images", type=int, default=None, help="run the naive path on the first N images only")
-    ap.add_argument("--regions", type=int, default=16, help="regions (= prompts) per image")
+    ap.add_argument("--naive-prompts", type=int, default=None,
+                    help="and on the first N prompts of each (its cost per prompt does not depend on the others)")
     ap.add_argument("--tokens", type=int, default=32, help="forced answer length")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (after a warm-up)")
     ap.add_argument("--max-prompts", type=int, default=EngineConfig.max_prompts)
     ap.add_argument("--kv-gib", type=float, default=EngineConfig.kv_cache_gib, help="KV-cache budget per decode batch")
     ap.add_argument("--threads", type=int, default=None)
@@ -130,39 +153,54 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     t = time.perf_counter()
-    if device.startswith("cuda"):
+    if device.startswith("cuda") or get_preset(args.preset).tokenizer != "builtin":
         loaded = random_init_on_device(args.preset, device=device, dtype=dtype)
     else:
         loaded = random_init(args.preset, device=device, dtype=dtype)
+    machine = (torch.cuda.get_device_name() if device.startswith("cuda") else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"{args.preset} on {device} ({dtype}), random weights, built in {time.perf_counter() - t:.1f} s; "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
-          + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""))
-    jobs = make_jobs(args.images, args.regions, seed=0)
-    naive_jobs = jobs[: args.naive_images or len(jobs)]
+          f"{machine}, torch {torch.__version__}")
     cfg = EngineConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens, max_prompts=args.max_prompts,
                        kv_cache_gib=args.kv_gib)
+    warm = make_jobs(1, 2, seed=1)  # every kernel and allocation path once, before anything is timed
+    run_engine(loaded, warm, cfg, device)
+    run_naive(loaded, warm, 2, device)
 
-    run_engine(loaded, jobs[:1], EngineConfig(max_new_tokens=2, min_new_tokens=2), device)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    naive_out, naive_s = run_naive(loaded, naive_jobs, args.tokens, device)
-    naive = rates("naive", naive_jobs, naive_out, naive_s)
-    print(f"        peak memory: {peak_memory(device)}")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    engine_out, engine_s = run_engine(loaded, jobs, cfg, device)
-    engine = rates("engine", jobs, engine_out, engine_s)
-    print(f"        peak memory: {peak_memory(device)}")
-
-    compared = [(a.token_ids, b.token_ids) for ra, rb in zip(naive_out, engine_out) for a, b in zip(ra, rb)]
-    same = sum(a == b for a, b in compared)
-    print(f"identical token ids: {same}/{len(compared)} prompts")
-    print(f"engine/naive: {engine['regions_per_s'] / naive['regions_per_s']:.1f}x regions/s")
-    if device.startswith("cuda"):
-        bandwidth_report(loaded, device, naive, engine, args.tokens, min(args.max_prompts, args.images * args.regions))
+    results = []
+    for n_regions in args.regions:
+        jobs = make_jobs(args.images, n_regions, seed=0)
+        naive_jobs = jobs[: args.naive_images or len(jobs)]
+        print(f"\n{n_regions} regions per image: engine {len(jobs)} images, naive {len(naive_jobs)} images"
+              + (f" x {min(args.naive_prompts, n_regions)} prompts" if args.naive_prompts else ""))
+        naive = timed("naive", lambda: run_naive(loaded, naive_jobs, args.tokens, device, args.naive_prompts),
+                      args.repeats, device)
+        engine = timed("engine", lambda: run_engine(loaded, jobs, cfg, device), args.repeats, device)
+        compared = [(a.token_ids, b.token_ids) for ra, rb in zip(naive["answers"], engine["answers"])
+                    for a, b in zip(ra, rb)]
+        same = sum(a == b for a, b in compared)
+        ratio = engine["regions_per_s"] / naive["regions_per_s"]
+        eng = engine["extra"][0]
+        rows, prefix, prefix_images = eng.peak_kv_batch
+        copied = rows * prefix * eng.kv_bytes_per_token  # the prefix copied into every row
+        own = eng.peak_kv_bytes - prefix_images * prefix * eng.kv_bytes_per_token  # the rows' own tokens
+        print(f"engine/naive: {ratio:.1f}x regions/s")
+        print(f"identical token ids: {same}/{len(compared)} prompts")
+        print(f"kv cache: {eng.peak_kv_bytes / 2**20:.1f} MiB peak for {rows} rows (copied prefix: "
+              f"{copied / 2**20:.1f} MiB; copied prefix + the rows' own tokens: {(copied + own) / 2**20:.1f} MiB, "
+              f"{(copied + own) / eng.peak_kv_bytes:.1f}x the peak)")
+        if device.startswith("cuda"):
+            bandwidth_report(loaded, device, naive, engine, args.tokens, rows)
+        strip = ("answers", "extra")
+        results.append({"regions_per_image": n_regions, "naive": {k: v for k, v in naive.items() if k not in strip},
+                        "engine": {k: v for k, v in engine.items() if k not in strip}, "ratio": ratio,
+                        "identical": same, "compared": len(compared), "kv_peak_bytes": eng.peak_kv_bytes,
+                        "kv_rows": rows, "prefix_tokens": prefix, "copied_prefix_bytes": copied,
+                        "copying_design_bytes": copied + own})
     if args.json:
-        args.json.write_text(json.dumps({"naive": naive, "engine": engine, "identical": same,
-                                         "compared": len(compared)}, indent=2))
+        args.json.write_text(json.dumps({"preset": args.preset, "device": device, "machine": machine,
+                                         "dtype": str(dtype), "images": args.images, "tokens": args.tokens,
+                                         "torch": torch.__version__, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

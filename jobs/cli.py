@@ -91,7 +91,8 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--clip", default=None, help="local CLIP directory, for checkpoints in the official layout")
     p.add_argument("--device", default=d("auto"), help="cpu, cuda, cuda:N or auto (the default: a GPU if visible)")
     p.add_argument("--dtype", default=d("auto"), choices=("auto", "float32", "bfloat16", "float16"),
-                   help="model weights and compute (auto: bfloat16 on CUDA, float32 elsewhere)")
+                   help="model weights and compute (auto: on CUDA float16 for official-layout checkpoints as released, "
+                        "bfloat16 for the rest; float32 on a CPU)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on every answer's length in tokens (default 1024; each kind of question has its own "
                         "lower limit, [compose.answer_tokens] in the job config)")

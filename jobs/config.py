@@ -10,7 +10,7 @@
     [model]                            # ModelSpec
     spec = "demo"                      # demo | random:PRESET | a checkpoint directory
     device = "auto"                    # auto | cpu | cuda | cuda:N
-    dtype = "auto"                     # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    dtype = "auto"                     # auto (CUDA: fp16 for official-layout checkpoints, else bf16; CPU: fp32) | float32 | bfloat16 | float16
 
     [detector]                         # DetectorSpec
     spec = "demo"                      # demo | yolo:PATH | torchvision:ARCH:PATH | given:coco:FILE ...
@@ -52,18 +52,25 @@ class ModelSpec:
 
     def resolved(self) -> "ModelSpec":
         """The same spec with ``auto`` device and dtype made concrete (what actually runs)."""
-        from model.device import dtype_name, resolve_device, resolve_dtype
+        from model.device import dtype_name, resolve_device
 
         device = resolve_device(self.device)
-        return dataclasses.replace(self, device=str(device), dtype=dtype_name(resolve_dtype(self.dtype, device)))
+        return dataclasses.replace(self, device=str(device), dtype=dtype_name(self._dtype(device)))
 
     def load(self):
         """The loaded model (``model.checkpoint.Loaded``)."""
         from model.checkpoint import load_model
-        from model.device import resolve_device, resolve_dtype
+        from model.device import resolve_device
 
         device = resolve_device(self.device)
-        return load_model(self.spec, clip=self.clip, device=device, dtype=resolve_dtype(self.dtype, device))
+        return load_model(self.spec, clip=self.clip, device=device, dtype=self._dtype(device))
+
+    def _dtype(self, device):
+        """``auto``: float32 on a CPU; on CUDA fp16 for official-layout checkpoints, else bf16."""
+        from model.checkpoint import native_cuda_dtype
+        from model.device import resolve_dtype
+
+        return resolve_dtype(self.dtype, device, cuda_default=native_cuda_dtype(self.spec))
 
     def engine(self, config):
         """A ``model.engine.RegionEngine`` around the loaded model."""

@@ -69,7 +69,7 @@ def random_init(config: GPT4RoIConfig | str, seed: int = 0, device: str | torch.
         torch.manual_seed(seed)
         model = GPT4RoI(config)
     model = model.to(device=device, dtype=dtype).restore_buffers().eval()
-    return Loaded(model, make_tokenizer(config))
+    return Loaded(model, _random_weights_tokenizer(config))
 
 
 def random_init_on_device(config: GPT4RoIConfig | str, seed: int = 0, device: str | torch.device = "cpu",
@@ -97,10 +97,15 @@ def random_init_on_device(config: GPT4RoIConfig | str, seed: int = 0, device: st
                 p.normal_(0.0, std, generator=gen)
     model = model.to(dtype=dtype).restore_buffers().eval()
     model.vision_tower.requires_grad_(False)
+    return Loaded(model, _random_weights_tokenizer(config))
+
+
+def _random_weights_tokenizer(config: GPT4RoIConfig) -> PromptTokenizer:
+    """The preset's tokenizer; for a preset whose tokenizer comes with a checkpoint (LLaMA's), the
+    builtin pieces stand in: random weights give no meaning to ids."""
     if config.tokenizer == "builtin":
-        return Loaded(model, make_tokenizer(config))
-    # Random weights give no meaning to ids, so the builtin pieces stand in for LLaMA's tokenizer.
-    return Loaded(model, PromptTokenizer(BuiltinPieces(), config.tokens, config.num_image_tokens))
+        return make_tokenizer(config)
+    return PromptTokenizer(BuiltinPieces(), config.tokens, config.num_image_tokens)
 
 
 # roiscribe's own format --------------------------------------------------------------------------
@@ -120,6 +125,19 @@ def save_pretrained(loaded: Loaded, directory: str | Path) -> Path:
 def is_roiscribe_checkpoint(directory: str | Path) -> bool:
     path = Path(directory) / "config.json"
     return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+
+
+def native_cuda_dtype(spec: str | Path) -> torch.dtype:
+    """The half precision a model spec runs in on CUDA when none is asked for: float16 for a
+    checkpoint in the official layout (released as fp16 weights, run under fp16 autocast), bfloat16
+    for roiscribe's own checkpoints, the demo and random presets (trained or initialised here)."""
+    text = str(spec)
+    if text == SHIPPED or text.startswith(RANDOM):
+        return torch.bfloat16
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file() and not is_roiscribe_checkpoint(path):
+        return torch.float16
+    return torch.bfloat16
 
 
 def init_or_load(spec: str | Path, seed: int = 0) -> Loaded:
@@ -160,6 +178,20 @@ def official_to_ours(key: str) -> str | None:
     return "<unexpected>." + key
 
 
+def official_pyramid_layers(select_layer: int, num_layers: int, num_levels: int = 4) -> tuple[int, ...]:
+    """The hidden states the official region encoder fuses: from ``mm_vision_select_layer`` down
+    in steps of 3 (``hidden_states[select::-3]``), the ``num_levels`` nearest the top, ascending.
+    CLIP-L (24 layers) with -2 gives (14, 17, 20, 23)."""
+    n = num_layers + 1  # hidden_states: the embeddings, then one per layer
+    if not -n <= select_layer < n:
+        raise ValueError(f"mm_vision_select_layer {select_layer} is out of range for a {num_layers}-layer CLIP")
+    picked = list(range(n))[select_layer::-3][:num_levels]
+    if len(picked) < num_levels:
+        raise ValueError(f"mm_vision_select_layer {select_layer} leaves {len(picked)} hidden states for a "
+                         f"{num_levels}-level pyramid (every third from it, downwards)")
+    return tuple(sorted(picked))
+
+
 def config_from_official(fields: dict, tower: CLIPVisionModel, base: GPT4RoIConfig) -> GPT4RoIConfig:
     """Our config from an official ``config.json``, the CLIP tower's config and a preset.
 
@@ -169,13 +201,14 @@ def config_from_official(fields: dict, tower: CLIPVisionModel, base: GPT4RoIConf
         if fields.get(name) != want:
             raise ValueError(f"official config field {name} is {fields.get(name)!r}; roiscribe supports {want}")
     c = tower.config
+    select = fields.get("mm_vision_select_layer", base.vision.image_token_layer)
     vision = VisionConfig(
         image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
         hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
         image_mean=base.vision.image_mean, image_std=base.vision.image_std,
-        image_token_layer=fields.get("mm_vision_select_layer", base.vision.image_token_layer),
-        pyramid_layers=base.vision.pyramid_layers,
+        image_token_layer=select,
+        pyramid_layers=official_pyramid_layers(select, c.num_hidden_layers, base.region.num_levels),
     )
     if fields.get("mm_hidden_size", c.hidden_size) != c.hidden_size:
         raise ValueError(f"mm_hidden_size {fields['mm_hidden_size']} != CLIP hidden size {c.hidden_size}")

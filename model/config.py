@@ -227,6 +227,20 @@ def _gpt4roi_7b() -> GPT4RoIConfig:
     return GPT4RoIConfig(name="gpt4roi-7b")
 
 
+def _gpt4roi_7b_shallow() -> GPT4RoIConfig:
+    """The 7B model's widths at a fraction of its depth, for checking the engine at full width on a
+    CPU: CLIP-L's width on 11 of its 24 layers (the official pyramid rule, every third layer down
+    from -2, still finds four), the 1024-channel pyramid at 128/64/32/16 with one scale-shuffle
+    round instead of five, and one 4096-wide LLaMA layer over the 32006-token vocabulary."""
+    full = _gpt4roi_7b()
+    return full.replace(
+        name="gpt4roi-7b-shallow",
+        vision=dataclasses.replace(full.vision, num_layers=11, pyramid_layers=(1, 4, 7, 10)),
+        region=dataclasses.replace(full.region, num_fuse_rounds=1),
+        llm=dataclasses.replace(full.llm, num_layers=1),
+    )
+
+
 def _tiny() -> GPT4RoIConfig:
     from .tokenizer import BUILTIN_BASE_VOCAB_SIZE
 
@@ -277,6 +291,7 @@ def _demo() -> GPT4RoIConfig:
 
 PRESETS: dict[str, Callable[[], GPT4RoIConfig]] = {
     "gpt4roi-7b": _gpt4roi_7b,
+    "gpt4roi-7b-shallow": _gpt4roi_7b_shallow,
     "tiny": _tiny,
     "demo": _demo,
 }

@@ -2,7 +2,9 @@
 
 ``resolve_device("auto")`` is ``cuda`` when a GPU is visible (the current device under
 ``torch.distributed``), else ``cpu``; other names pass through. ``resolve_dtype("auto", device)``
-is bfloat16 on CUDA and float32 elsewhere.
+is float32 on a CPU and, on CUDA, the model's own half precision: float16 for checkpoints in the
+official layout (the released model ran fp16 weights under fp16 autocast), bfloat16 for the rest
+(``model.checkpoint.native_cuda_dtype``).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda")
 
 
-def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
-    """``"auto"`` -> bfloat16 on CUDA, float32 elsewhere; else one of :data:`DTYPES`."""
+def resolve_dtype(name: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+                  cuda_default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """``"auto"`` -> ``cuda_default`` on CUDA, float32 elsewhere; else one of :data:`DTYPES`."""
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+        return cuda_default if resolve_device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not understood; expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]

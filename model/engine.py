@@ -101,6 +101,7 @@ class RegionEngine:
         self.kv_bytes_per_token = 2 * l.num_layers * l.num_kv_heads * (l.hidden_size // l.num_heads) * self.model.dtype.itemsize
         self.max_tokens = int(config.kv_cache_gib * 2**30 // self.kv_bytes_per_token)
         self.peak_kv_bytes = 0  # the largest KV cache allocated at once (prefixes + slots), for benchmarks
+        self.peak_kv_batch = (0, 0, 0)  # (slots, prefix tokens, images holding a prefix) of that decode batch
 
     # Public API --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -248,7 +249,9 @@ class _Decoder:
         self.own_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.own_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         held = [self.own_k, self.own_v, *(x for kv in (prefix_kv.layers if prefix_kv else []) for x in kv)]
-        engine.peak_kv_bytes = max(engine.peak_kv_bytes, sum(x.numel() * x.element_size() for x in held))
+        kv_bytes = sum(x.numel() * x.element_size() for x in held)
+        if kv_bytes > engine.peak_kv_bytes:
+            engine.peak_kv_bytes, engine.peak_kv_batch = kv_bytes, (self.n_slots, prefix_len, n_prefix_images)
         if prefix_kv is not None:
             self.key_image = torch.arange(n_prefix_images, device=self.device).repeat_interleave(prefix_len)
         n = self.n_slots

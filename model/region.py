@@ -4,6 +4,13 @@ Module and parameter names follow the official checkpoint so its keys load uncha
 ``mlvl_fuse.{input_conv.N, fuse_convs.N.conv, fuse_convs.N.gn}`` and
 ``roi_align.{pconvs.N, pos_embedd.{0,2,3,5}, flatten_linear, updims}``.
 
+Precision follows the released model, which ran fp16 weights under fp16 autocast: convolutions and
+linear layers compute in the weights' dtype, while GroupNorm, LayerNorm, the bilinear resizes and
+RoIAlign compute in float32 (autocast's float32 list), their float32 results feeding the next layer
+(which casts them back). So the fused pyramid is float32, and a region token is
+``updims(flatten_linear(...) + pos_embedd(box))`` with the sum taken in float32. In float32 nothing
+changes; in fp16 or bf16 this keeps the normalisations from rounding.
+
 Shapes for the paper's model (B images, N boxes in all, C = 1024):
 pyramid tokens (B, 256, C) x 4 -> maps (B, C, 128|64|32|16, ...) -> fuse -> RoIAlign
 (N, C, 14, 14) per level -> conv, sum, ReLU -> flatten (N, C*14*14) -> (N, 1024) -> (N, 4096).
@@ -28,6 +35,21 @@ def _resize_fp32(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=True).to(x.dtype)
 
 
+def _in(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast to the dtype of ``module``'s weights (what autocast does before a conv or linear)."""
+    return x.to(module.weight.dtype)
+
+
+def _group_norm_fp32(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm computed and returned in float32, whatever the weights' dtype (autocast's rule)."""
+    return F.group_norm(x.float(), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
+
+
+def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm computed and returned in float32, whatever the weights' dtype (autocast's rule)."""
+    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+
+
 def coordinate_channels(batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """(B, 2, H, W): channel 0 is x in [-1, 1] along the width, channel 1 is y along the height."""
     ys = torch.linspace(-1, 1, height, device=like.device)
@@ -46,7 +68,8 @@ class ConvGNReLU(nn.Module):
         self.activate = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.gn(self.conv(x)))
+        """-> float32 (the GroupNorm's output dtype under autocast)."""
+        return self.activate(_group_norm_fp32(self.gn, self.conv(_in(self.conv, x))))
 
 
 class PyramidFuse(nn.Module):
@@ -67,7 +90,7 @@ class PyramidFuse(nn.Module):
 
     def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         x = [
-            conv(torch.cat([f, coordinate_channels(f.shape[0], f.shape[2], f.shape[3], f)], dim=1))
+            conv(_in(conv, torch.cat([f, coordinate_channels(f.shape[0], f.shape[2], f.shape[3], f)], dim=1)))
             for conv, f in zip(self.input_conv, levels)
         ]
         for block in self.fuse_convs:
@@ -123,13 +146,25 @@ class RoIHead(nn.Module):
 
     def forward(self, pyramid: Sequence[torch.Tensor], boxes: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
         """``boxes`` (N, 4) normalised xyxy, ``batch_index`` (N,) image of each box -> (N, out_dim)."""
-        dtype = self.flatten_linear.weight.dtype
         summed = None
         for pooled, conv in zip(self.pool(pyramid, boxes, batch_index), self.pconvs):
-            y = conv(pooled.to(dtype))  # (N, C, S, S)
+            y = conv(_in(conv, pooled))  # (N, C, S, S)
             summed = y if summed is None else summed + y
         feats = self.flatten_linear(F.relu(summed).flatten(1))  # (N, hidden)
-        return self.updims(feats + self.pos_embedd(boxes.to(dtype)))
+        return self.updims(_in(self.updims, feats.float() + self.box_embedding(boxes)))
+
+    def box_embedding(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``pos_embedd`` of the boxes -> (N, hidden) float32: its linears in the weights' dtype, its
+        LayerNorms in float32."""
+        x = boxes
+        for layer in self.pos_embedd:
+            if isinstance(layer, nn.LayerNorm):
+                x = _layer_norm_fp32(layer, x)
+            elif isinstance(layer, nn.Linear):
+                x = layer(_in(layer, x))
+            else:
+                x = layer(x)
+        return x
 
 
 class RegionEncoder(nn.Module):

@@ -77,7 +77,8 @@ class PromptTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids; BOS/EOS and added tokens are skipped."""
         base = self.tokens.base_vocab_size
-        keep = [i for i in ids if i < base and i not in (self.tokens.bos_id, self.tokens.eos_id)]
+        known = min(base, self.pieces.vocab_size)  # ids a stand-in vocabulary lacks decode to nothing
+        keep = [i for i in ids if i < known and i not in (self.tokens.bos_id, self.tokens.eos_id)]
         return self.pieces.decode(keep)
 
     def save(self, directory: str | Path) -> None:
@@ -89,7 +90,8 @@ class PromptTokenizer:
         Lets the engine detect a stop string on token ids, without decoding whole texts.
         """
         base = self.tokens.base_vocab_size
-        texts = [self.pieces.piece_text(i) for i in range(base)]
+        known = min(base, self.pieces.vocab_size)  # a stand-in vocabulary (random weights) may be smaller
+        texts = [self.pieces.piece_text(i) for i in range(known)] + [""] * (base - known)
         for i in (self.tokens.bos_id, self.tokens.eos_id):
             texts[i] = ""
         return texts + [""] * (self.tokens.im_end_id + 1 - base)

@@ -1,16 +1,17 @@
 """Checkpoints: roiscribe's format, the official layout (written here with the official key names
 and config fields, as the released GPT4RoI-7B-delta-V0 has them), and delta application."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from model.checkpoint import (apply_delta, load_model, load_official, load_pretrained, random_init,
-                              save_pretrained)
+from model.checkpoint import (apply_delta, load_model, load_official, load_pretrained, native_cuda_dtype,
+                              official_pyramid_layers, random_init, save_pretrained)
 from model.prompt import build_prompt
 from model.tokenizer import PromptTokenizer, SentencePiecePieces
-from model.config import TokenConfig
+from model.config import TokenConfig, get_preset
 from model.vision import preprocess
 
 LLAMA_BASE = 2048  # the tiny preset's base vocabulary (LLaMA's is 32000)
@@ -113,10 +114,28 @@ def _official_state(src, dtype=torch.float16) -> dict:
     return state
 
 
+# the tiny preset with a CLIP deep enough for the official pyramid rule: from layer -2 (10 of 11)
+# down in steps of 3
+OFFICIAL_TINY = get_preset("tiny").replace(
+    vision=dataclasses.replace(get_preset("tiny").vision, num_layers=11, pyramid_layers=(1, 4, 7, 10)))
+
+
+def test_the_pyramid_layers_follow_the_official_select_layer():
+    """``hidden_states[select::-3]``, the four nearest the top: CLIP-L's -2 gives the paper's layers."""
+    assert official_pyramid_layers(-2, 24) == (14, 17, 20, 23) == get_preset("gpt4roi-7b").vision.pyramid_layers
+    assert official_pyramid_layers(-1, 24) == (15, 18, 21, 24)
+    assert official_pyramid_layers(23, 24) == (14, 17, 20, 23)
+    assert official_pyramid_layers(-2, 11) == (1, 4, 7, 10)
+    with pytest.raises(ValueError, match="leaves 2 hidden states for a 4-level pyramid"):
+        official_pyramid_layers(-2, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        official_pyramid_layers(30, 24)
+
+
 @pytest.fixture
 def official(tmp_path):
     """A tiny checkpoint in the official layout, and the fp16-rounded model it was written from."""
-    src = random_init("tiny", seed=5)
+    src = random_init(OFFICIAL_TINY, seed=5)
     with torch.no_grad():  # the official shards are fp16: compare against the same rounded weights
         for p in src.model.parameters():
             p.copy_(p.half().float())
@@ -133,6 +152,11 @@ def test_official_layout_loads_strictly_with_the_same_logits(official, rng_image
     src, ckpt, clip = official
     got = load_official(ckpt, clip, base="tiny")
     assert got.model.parameter_counts() == src.model.parameter_counts()
+    # the pyramid comes from mm_vision_select_layer and the CLIP's depth, not from the base preset
+    assert got.config.vision.pyramid_layers == (1, 4, 7, 10) != get_preset("tiny").vision.pyramid_layers
+    # on CUDA, "auto" runs a released checkpoint as released (fp16), roiscribe's own in bf16
+    assert native_cuda_dtype(ckpt) == torch.float16
+    assert native_cuda_dtype("demo") == native_cuda_dtype("random:tiny") == torch.bfloat16
     image = rng_image(80, 50)
     torch.testing.assert_close(_logits(got, image), _logits(src, image), rtol=1e-5, atol=1e-5)
     assert got.config.tokens == src.config.tokens

@@ -210,16 +210,16 @@ def test_finished_rows_are_refilled_and_the_host_looks_only_every_few_steps(tiny
     out = RegionEngine(tiny, EngineConfig(max_new_tokens=16, max_prompts=8, sync_every=2)).run(jobs)
     decode = [b for b, t in layer_calls if t == 1]
     prefills = [i for i, (b, t) in enumerate(layer_calls) if 1 < t < tiny.config.num_image_tokens]
+    assert [b for b, t in layer_calls if t >= tiny.config.num_image_tokens] == [2]  # both prefixes, once
+    first_decode = next(i for i, (b, t) in enumerate(layer_calls) if t == 1)
     assert_same(out, naive(tiny, jobs, max_new_tokens=16))
     lengths = [len(g.token_ids) for row in out for g in row]
     assert 1 in lengths and 16 in lengths  # the answers really end at different steps
     # fixed batches of 8 would take as many steps as their longest answers; refilled slots take far fewer
     fixed = sum(max(lengths[i:i + 8]) - 1 for i in range(0, len(lengths), 8))
     assert len(decode) < 0.7 * fixed
-    first_decode = next(i for i, (b, t) in enumerate(layer_calls) if t == 1)
     assert len([i for i in prefills if i > first_decode]) > 36 // 8  # slots refilled between decode steps
     assert len(syncs) <= len(decode) // 2 + 2  # the host looked once per 2 steps, not at every step
-    assert [b for b, t in layer_calls if t >= tiny.config.num_image_tokens] == [2]  # both prefixes, once
 
 
 def test_two_images_with_the_same_prompts_get_their_own_answers(tiny):

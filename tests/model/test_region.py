@@ -93,3 +93,35 @@ def test_pixel_boxes_of_a_non_square_image_land_where_they_should(size):
 def test_normalize_boxes_divides_by_width_and_height():
     b = normalize_boxes([[30, 20, 60, 40]], width=120, height=80)
     torch.testing.assert_close(b, torch.tensor([[0.25, 0.25, 0.5, 0.5]]))
+
+
+def test_half_precision_keeps_the_norms_in_float32_and_fp16_is_the_closer_half(rng_image):
+    """As the released model ran (fp16 weights under autocast): GroupNorm, LayerNorm, resizes and
+    RoIAlign compute in float32, so the fused pyramid is float32; and fp16's longer mantissa gives
+    region tokens closer to float32's than bf16's."""
+    import copy
+
+    from model.checkpoint import random_init
+
+    loaded = random_init("tiny", seed=3)
+    model = loaded.model
+    pixels = preprocess([rng_image(120, 90)], loaded.config.vision)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.4, 0.9]])]
+    with torch.no_grad():
+        hidden = model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        levels = [hidden[i][:, 1:] for i in model._layers]
+
+        def tokens(dtype):
+            encoder = copy.deepcopy(model.spi_module).to(dtype)
+            pyramid = encoder.build_pyramid([h.to(dtype) for h in levels])
+            assert all(p.dtype == torch.float32 for p in pyramid)
+            assert encoder.roi_align.box_embedding(boxes[0]).dtype == torch.float32
+            out = encoder.encode_boxes(pyramid, boxes)[0]
+            assert out.dtype == dtype  # updims in the weights' dtype, as autocast would
+            return out.float()
+
+        exact = tokens(torch.float32)
+        fp16 = float((tokens(torch.float16) - exact).norm() / exact.norm())
+        bf16 = float((tokens(torch.bfloat16) - exact).norm() / exact.norm())
+    assert fp16 < bf16 / 4, (fp16, bf16)
+    assert fp16 < 2e-3, fp16
