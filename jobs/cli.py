@@ -217,6 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(evaluate)
 
+    calibrate = sub.add_parser("calibrate", help="fit the probability that each answer is right on labelled "
+                                                 "synthetic-world scenes; report ECE and AUROC before and after")
+    calibrate.add_argument("--data", type=Path, required=True, help="a `roiscribe world` folder to fit on")
+    calibrate.add_argument("--check", type=Path, default=None,
+                           help="another world folder to check on (scenes of a seed used for nothing else); "
+                                "default: a held-out share of --data's images")
+    calibrate.add_argument("--holdout", type=float, default=0.3, help="share of --data's images kept out of the fit "
+                                                                      "to check on, without --check (default 0.3)")
+    calibrate.add_argument("--seed", type=int, default=0, help="which images are held out")
+    calibrate.add_argument("--limit", type=int, default=None, help="images of each folder to use (default: all)")
+    calibrate.add_argument("--detector", default=None, help="detector spec whose boxes are asked about (default: demo)")
+    calibrate.add_argument("--out", type=Path, default=None,
+                           help="where to write the calibration (default: calibration.json in the model's "
+                                "checkpoint directory)")
+    calibrate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
+    _add_model_args(calibrate)
+
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
     delta.add_argument("--base", type=Path, required=True, help="local LLaMA-7B directory (HF layout)")
     delta.add_argument("--delta", type=Path, required=True, help="local GPT4RoI-7B-delta-V0 directory")
@@ -558,7 +575,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+def cmd_calibrate(args) -> int:
+    from jobs.config import DetectorSpec
+    from pipeline.calibrate import calibrate_world, format_report
+    from pipeline.stages import PipelineConfig
+    from synth.evaluate import read_ground_truth
+
+    spec = _model_spec(args)
+    out = args.out
+    if out is None:
+        from model.checkpoint import RANDOM, SHIPPED
+
+        if spec.spec == SHIPPED or spec.spec.startswith(RANDOM) or not Path(spec.spec).is_dir():
+            raise UsageError(f"--model {spec.spec} is not a checkpoint directory to write the calibration next to; "
+                             "pass --out FILE")
+        out = Path(spec.spec) / "calibration.json"
+    if not 0 < args.holdout < 1:
+        raise UsageError(f"--holdout must be between 0 and 1, got {args.holdout}")
+    truths = read_ground_truth(args.data, args.limit)
+    check = read_ground_truth(args.check, args.limit) if args.check else None
+    _check_detector(args.detector or "demo")
+    detector = DetectorSpec(args.detector or "demo", spec.device).build()
+    config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size)
+    calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed)
+    calibration.fitted_on |= {"data": str(args.data), "check": str(args.check) if args.check else None,
+                              "model": spec.spec, "detector": args.detector or "demo"}
+    print(format_report(calibration.metrics["checked"], calibration.metrics["signals_auroc"]))
+    print(f"({calibration.metrics['how']}; fitted on {calibration.fitted_on['answers']} answers)")
+    print(f"calibration written to {calibration.save(out)}")
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
             "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend,
             "pretrain": cmd_pretrain}
 

@@ -1,5 +1,6 @@
 """README's commands, run from the command line as a user runs them, on a tiny world: ``world``,
-``caption`` then ``show`` (the quickstart), ``evaluate``, ``pretrain``, ``train`` and ``apply-delta``."""
+``caption`` then ``show`` (the quickstart), ``evaluate``, ``calibrate``, ``pretrain``, ``train`` and
+``apply-delta``."""
 
 import json
 import shutil
@@ -76,6 +77,22 @@ def test_evaluate_scores_the_demo_models_and_writes_json(world, tmp_path, capsys
     assert main(["evaluate", "--data", str(world), "--limit", "1", "--detector", "none", "--model", "random:tiny",
                  "--max-new-tokens", "2"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"images", "ground_truth_boxes"}
+
+
+def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
+    from pipeline.calibrate import Calibration
+
+    out = tmp_path / "calibration.json"
+    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "ECE before" in r.stdout and "AUROC of each signal alone" in r.stdout
+    assert f"calibration written to {out}" in r.stdout
+    calibration = Calibration.load(out)
+    assert set(calibration.kinds) >= {"color", "shape", "material", "caption", "region"}
+    assert calibration.fitted_on["images"] == 4 and calibration.fitted_on["model"] == "demo"
+    assert calibration.metrics["how"] == "checked on a held-out 50% of the images (seed 0)"
+    r = run("calibrate", "--data", str(world))  # the shipped model is no directory to write next to
+    assert r.returncode == 2 and "pass --out FILE" in r.stderr
 
 
 def test_pretrain_from_a_config_file(world, tmp_path):

@@ -1,0 +1,391 @@
+"""Calibrated confidence: the probability that an answer (or a region) is right.
+
+A generative model's token log-probs rank its answers but are not probabilities of being right:
+the demo model's ``exp(mean token log-prob)`` says 0.9 for answers that are right far less often.
+A calibrator is fitted on labelled data (the synthetic world's ground truth, or any annotated set
+turned into the same :class:`Example` records) per kind of answer, and maps the signals of one
+answer to a probability.
+
+Kinds: ``color``, ``shape``, ``material`` (direct attribute answers), ``caption`` (right when the
+colour, shape, material and size it names are all the object's), ``relation`` (both regions real
+objects and the predicate the true one) and ``region`` (a real object with the right class).
+A region that matches no object (a false detection) makes every answer about it wrong.
+
+Signals (``FEATURES``), each known without ground truth when the job runs:
+
+* ``mean_logprob``, ``min_logprob``: of the answer's tokens (the region: of its shape answer);
+* ``detector_score``: the region's (a relation: the lower of its two regions');
+* ``caption_agrees``: the caption names the same value as the direct answer (1), another one
+  (0), or none (0.5); for a caption, the share of its attribute words the direct answers repeat;
+* ``label_agrees``: the detector's class names the same value as the answer (1), another (0),
+  or the class is no word of the attribute (0.5) (``pipeline.review``).
+
+The calibrator is a logistic regression on the standardised signals (L2-regularised, fitted by
+Newton's method): monotone in each signal, a handful of parameters per kind, so that a few
+hundred labelled answers fit it without overfitting, and its weights say which signals count.
+``signal_report`` gives each signal's own AUROC: how well it alone separates right from wrong.
+
+Metrics: ECE (expected calibration error, 10 equal-width bins, weighted by bin size) and AUROC
+(the probability that a right answer gets a higher confidence than a wrong one; ties count half).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMAT = "roiscribe-calibration"
+FORMAT_VERSION = 1
+FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees")
+ATTRIBUTE_KINDS = ("color", "shape", "material")
+KINDS = (*ATTRIBUTE_KINDS, "caption", "relation", "region")
+UNKNOWN_AGREEMENT = 0.5  # neither agrees nor disagrees: the caption or the label names no value
+
+
+@dataclass(frozen=True)
+class Example:
+    """One answer with its signals and whether it was right."""
+
+    kind: str
+    features: dict[str, float]
+    correct: bool
+
+    def baseline(self) -> float:
+        """The uncalibrated confidence: ``exp(mean token log-prob)`` (a region: its detector score)."""
+        if self.kind == "region":
+            return float(self.features["detector_score"])
+        return math.exp(min(self.features["mean_logprob"], 0.0))
+
+
+# Signals of one image's answers -------------------------------------------------------------------
+
+def _named(attribute: str, text: str | None) -> str | None:
+    """The value of ``attribute`` that a word (or two-word phrase) of ``text`` names, if any."""
+    from pipeline.review import vocabulary_value
+
+    words = (text or "").lower().replace(",", " ").replace(".", " ").split()
+    for n in (2, 1):
+        for i in range(len(words) - n + 1):
+            value = vocabulary_value(attribute, " ".join(words[i:i + n]))
+            if value is not None:
+                return value
+    return None
+
+
+def _agreement(said: str | None, other: str | None) -> float:
+    if said is None or other is None:
+        return UNKNOWN_AGREEMENT
+    return 1.0 if said == other else 0.0
+
+
+def region_signals(result, r: int) -> dict[str, dict[str, float]]:
+    """kind -> signals for every answer of region ``r`` of an ``ImageResult`` (and the region)."""
+    from pipeline.review import vocabulary_value
+
+    answers = result.answers[r] if r < len(result.answers) else {}
+    score = float(result.regions.scores[r])
+    label = result.regions.class_names[r]
+    caption = answers.get("caption")
+    out: dict[str, dict[str, float]] = {}
+    agreeing, named = 0, 0
+    for kind in ATTRIBUTE_KINDS:
+        a = answers.get(kind)
+        if a is None:
+            continue
+        in_caption = _named(kind, caption.value if caption else None)
+        out[kind] = {"mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "detector_score": score,
+                     "caption_agrees": _agreement(a.value, in_caption),
+                     "label_agrees": _agreement(a.value, vocabulary_value(kind, label))}
+        if in_caption is not None:
+            named += 1
+            agreeing += int(in_caption == a.value)
+    if caption is not None:
+        out["caption"] = {"mean_logprob": caption.mean_logprob, "min_logprob": caption.min_logprob,
+                          "detector_score": score,
+                          "caption_agrees": agreeing / named if named else UNKNOWN_AGREEMENT,
+                          "label_agrees": _agreement(_named("shape", caption.value), vocabulary_value("shape", label))}
+    shape = answers.get("shape")
+    out["region"] = {"mean_logprob": shape.mean_logprob if shape else 0.0,
+                     "min_logprob": shape.min_logprob if shape else 0.0, "detector_score": score,
+                     "caption_agrees": out.get("shape", {}).get("caption_agrees", UNKNOWN_AGREEMENT),
+                     "label_agrees": out.get("shape", {}).get("label_agrees", UNKNOWN_AGREEMENT)}
+    return out
+
+
+def relation_signals(result, rel) -> dict[str, float]:
+    scores = result.regions.scores
+    return {"mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob,
+            "detector_score": float(min(scores[rel.subject], scores[rel.object])),
+            "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT}
+
+
+# Labelled examples from the synthetic world -------------------------------------------------------
+
+def world_examples(results, truths, iou: float = 0.5) -> list[Example]:
+    """Every answer of ``annotate()`` results, labelled right or wrong by the world's ground truth
+    (``synth.evaluate.GroundTruth``): regions matched at IoU >= ``iou`` (greedy, by score)."""
+    from pipeline.review import vocabulary_value
+    from synth.evaluate import match
+
+    out: list[Example] = []
+    for result, truth in zip(results, truths):
+        if result.status != "ok":
+            continue
+        pairs = match(result.regions, truth.regions.boxes, iou)
+        for r in range(len(result.regions)):
+            obj = truth.objects[pairs[r]] if r in pairs else None
+            signals = region_signals(result, r)
+            answers = result.answers[r] if r < len(result.answers) else {}
+            for kind, features in signals.items():
+                if obj is None:
+                    right = False
+                elif kind in ATTRIBUTE_KINDS:
+                    right = answers[kind].value == obj[kind]
+                elif kind == "caption":
+                    text = answers["caption"].value
+                    right = all(_named(k, text) == obj[k] for k in ATTRIBUTE_KINDS) and \
+                        _size_word(text) == obj["size"]
+                else:  # region: a real object, and the detector's class is its shape
+                    right = vocabulary_value("shape", result.regions.class_names[r]) == obj["shape"]
+                out.append(Example(kind, features, right))
+        for rel in result.relations:
+            if rel.predicate is None:
+                continue
+            want = None
+            if rel.subject in pairs and rel.object in pairs:
+                want = truth.relations.get(f"{pairs[rel.subject]},{pairs[rel.object]}")
+            out.append(Example("relation", relation_signals(result, rel), want is not None and rel.predicate == want))
+    return out
+
+
+def _size_word(text: str | None) -> str | None:
+    from synth.world import SIZES
+
+    return next((w for w in (text or "").lower().split() if w in SIZES), None)
+
+
+# Metrics ------------------------------------------------------------------------------------------
+
+def ece(probabilities: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    """Expected calibration error: sum over equal-width bins of |accuracy - mean probability|,
+    weighted by the share of answers in the bin."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if len(p) == 0:
+        return float("nan")
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            total += inside.sum() / len(p) * abs(y[inside].mean() - p[inside].mean())
+    return float(total)
+
+
+def auroc(scores: Sequence[float], correct: Sequence[bool]) -> float:
+    """P(a right answer scores higher than a wrong one), ties counting half; nan without both."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(correct, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# The calibrator -----------------------------------------------------------------------------------
+
+@dataclass
+class KindCalibrator:
+    """Logistic regression on the standardised signals of one kind of answer."""
+
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    examples: int = 0
+    base_rate: float = 0.0
+
+    def probability(self, features: dict[str, float]) -> float:
+        x = (np.array([features[f] for f in self.features], dtype=np.float64) - self.mean) / self.std
+        return float(1.0 / (1.0 + math.exp(-float(np.dot(self.weights, x) + self.bias))))
+
+    @classmethod
+    def fit(cls, examples: Sequence[Example], features: Sequence[str] = FEATURES, l2: float = 1.0,
+            iterations: int = 50) -> "KindCalibrator":
+        """L2-regularised logistic regression by Newton's method (the bias unpenalised). With only
+        right (or only wrong) examples it returns that constant rate."""
+        x = np.array([[e.features[f] for f in features] for e in examples], dtype=np.float64)
+        y = np.array([e.correct for e in examples], dtype=np.float64)
+        mean = x.mean(0) if len(x) else np.zeros(len(features))
+        std = x.std(0) if len(x) else np.ones(len(features))
+        std = np.where(std > 1e-9, std, 1.0)
+        rate = float(y.mean()) if len(y) else 0.5
+        if len(y) == 0 or rate in (0.0, 1.0):
+            clipped = min(max(rate, 1e-4), 1 - 1e-4)
+            return cls(list(features), mean.tolist(), std.tolist(), [0.0] * len(features),
+                       math.log(clipped / (1 - clipped)), len(y), rate)
+        z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
+        w = np.zeros(z.shape[1])
+        penalty = np.full(z.shape[1], l2)
+        penalty[-1] = 0.0
+        for _ in range(iterations):
+            p = 1.0 / (1.0 + np.exp(-(z @ w)))
+            grad = z.T @ (p - y) + penalty * w
+            hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(len(w))
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return cls(list(features), mean.tolist(), std.tolist(), w[:-1].tolist(), float(w[-1]), len(y), rate)
+
+
+@dataclass
+class Calibration:
+    """One calibrator per kind of answer, with the metrics it was fitted and checked with."""
+
+    kinds: dict[str, KindCalibrator]
+    metrics: dict = field(default_factory=dict)
+    fitted_on: dict = field(default_factory=dict)
+
+    def probability(self, kind: str, features: dict[str, float]) -> float | None:
+        """The probability that an answer of ``kind`` with these signals is right (None: no
+        calibrator for that kind)."""
+        c = self.kinds.get(kind)
+        return None if c is None else c.probability(features)
+
+    @classmethod
+    def fit(cls, examples: Iterable[Example], **kw) -> "Calibration":
+        by_kind: dict[str, list[Example]] = {}
+        for e in examples:
+            by_kind.setdefault(e.kind, []).append(e)
+        return cls({k: KindCalibrator.fit(v, **kw) for k, v in sorted(by_kind.items())})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "kinds": {k: c.__dict__ for k, c in self.kinds.items()},
+                "metrics": self.metrics, "fitted_on": self.fitted_on}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a roiscribe calibration (format {data.get('format')!r})")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} has calibration format {data['format_version']}; this roiscribe reads up to "
+                             f"{FORMAT_VERSION}")
+        return cls({k: KindCalibrator(**v) for k, v in data["kinds"].items()}, data.get("metrics", {}),
+                   data.get("fitted_on", {}))
+
+
+def evaluate(calibration: Calibration, examples: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """Per kind, and for all answers pooled (``all``, regions excluded): examples, accuracy, and ECE
+    and AUROC before (``exp(mean log-prob)``; a region: its detector score) and after calibration."""
+    out = {}
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.kind, []).append(e)
+    groups["all"] = [e for e in examples if e.kind != "region" and e.kind in calibration.kinds]
+    for kind, group in groups.items():
+        if not group:
+            continue
+        y = [e.correct for e in group]
+        before = [e.baseline() for e in group]
+        after = [calibration.probability(e.kind, e.features) for e in group]
+        if any(a is None for a in after):
+            continue
+        out[kind] = {"examples": len(group), "accuracy": float(np.mean(y)),
+                     "ece_before": ece(before, y), "ece_after": ece(after, y),
+                     "auroc_before": auroc(before, y), "auroc_after": auroc(after, y)}
+    return out
+
+
+def signal_report(examples: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """Per kind: each signal's own AUROC (0.5: it says nothing; below 0.5: higher means wrong)."""
+    out = {}
+    kinds = sorted({e.kind for e in examples})
+    for kind in kinds:
+        group = [e for e in examples if e.kind == kind]
+        y = [e.correct for e in group]
+        out[kind] = {f: auroc([e.features[f] for e in group], y) for f in FEATURES}
+    return out
+
+
+def split(examples: Sequence[Example], images: Sequence[int], holdout: float, seed: int) -> tuple[list, list]:
+    """(fit, held out) by image (``images[i]`` is example i's image), so that no image's answers
+    are on both sides."""
+    unique = sorted(set(images))
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(unique, size=max(1, int(round(len(unique) * holdout))), replace=False).tolist())
+    fit = [e for e, i in zip(examples, images) if i not in held]
+    test = [e for e, i in zip(examples, images) if i in held]
+    return fit, test
+
+
+def format_report(metrics: dict, signals: dict | None = None) -> str:
+    """The metrics (and the signals' AUROCs) as text tables."""
+    lines = ["kind       answers  accuracy  ECE before  ECE after  AUROC before  AUROC after"]
+    for kind, m in metrics.items():
+        lines.append(f"{kind:<10} {m['examples']:>7}  {m['accuracy']:>8.3f}  {m['ece_before']:>10.3f}  "
+                     f"{m['ece_after']:>9.3f}  {m['auroc_before']:>12.3f}  {m['auroc_after']:>11.3f}")
+    if signals:
+        lines += ["", "AUROC of each signal alone (0.5: says nothing)",
+                  "kind       " + "  ".join(f"{f:>14}" for f in FEATURES)]
+        for kind, row in signals.items():
+            lines.append(f"{kind:<10} " + "  ".join(f"{row[f]:>14.3f}" for f in FEATURES))
+    return "\n".join(lines)
+
+
+def world_examples_of(truths, loaded, config, detector) -> tuple[list[Example], list[int]]:
+    """Run the pipeline (``annotate``) on the world's images with ``detector``'s boxes -> the
+    labelled examples and the image index of each."""
+    from pipeline.flow import annotate
+
+    results = annotate([t.image for t in truths], detector, loaded, config)
+    examples, images = [], []
+    for i, (result, truth) in enumerate(zip(results, truths)):
+        found = world_examples([result], [truth])
+        examples += found
+        images += [i] * len(found)
+    return examples, images
+
+
+def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout: float = 0.3,
+                    seed: int = 0) -> Calibration:
+    """Fit on the world's answers and check on ``check_truths`` (another world: scenes of a seed
+    used for nothing else), or, without one, on a ``holdout`` share of the images kept out of the
+    fit. The metrics (before and after, per kind) and each signal's AUROC on the checked answers go
+    into the calibration's ``metrics``."""
+    examples, images = world_examples_of(truths, loaded, config, detector)
+    if check_truths is not None:
+        fit, check = examples, world_examples_of(check_truths, loaded, config, detector)[0]
+        how = f"checked on {len(check_truths)} other images"
+    else:
+        fit, check = split(examples, images, holdout, seed)
+        how = f"checked on a held-out {holdout:.0%} of the images (seed {seed})"
+    calibration = Calibration.fit(fit)
+    calibration.metrics = {"checked": evaluate(calibration, check), "fitted": evaluate(calibration, fit),
+                           "signals_auroc": signal_report(check), "how": how}
+    calibration.fitted_on = {"images": len(truths), "answers": len(fit)}
+    return calibration

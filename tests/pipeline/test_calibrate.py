@@ -1,0 +1,123 @@
+"""Calibrated confidence (pipeline/calibrate.py): metrics and the fit on hand-built data, labels
+from hand-built results, and a test-sized fit on the demo model's real answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.calibrate import (Calibration, Example, KindCalibrator, auroc, calibrate_world, ece, evaluate,
+                                world_examples)
+from pipeline.records import Answer, ImageResult, Regions, RelationAnswer
+from synth.evaluate import GroundTruth
+
+
+def test_ece_and_auroc_on_hand_counted_cases():
+    assert ece([0.9] * 10, [True] * 9 + [False]) == pytest.approx(0.0)
+    assert ece([0.9] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.4)
+    # two bins: 0.25 with 1/4 right (exact), 0.85 with 2/4 right (off by 0.35), each half the answers
+    assert ece([0.25] * 4 + [0.85] * 4, [True, False, False, False, True, True, False, False]) == pytest.approx(0.175)
+    assert auroc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert auroc([0.5] * 4, [True, False, True, False]) == 0.5  # ties count half
+    assert auroc([0.9, 0.5, 0.5, 0.1], [True, True, False, False]) == pytest.approx(0.875)
+    assert math.isnan(auroc([0.3, 0.4], [True, True]))
+
+
+def _examples(n, seed, kind="color", bias=-0.5):
+    """Answers whose chance of being right is sigmoid(2 * min_logprob_z + bias), while their mean
+    log-prob says 0.95 for all: an overconfident model with one informative signal."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n)
+    p = 1 / (1 + np.exp(-(2 * z + bias)))
+    right = rng.random(n) < p
+    return [Example(kind, {"mean_logprob": math.log(0.95), "min_logprob": float(zi), "detector_score": 0.9,
+                           "caption_agrees": 0.5, "label_agrees": 0.5}, bool(r)) for zi, r in zip(z, right)], p
+
+
+def test_the_fit_recovers_the_probability_and_calibrates_held_out_answers():
+    fit, _ = _examples(4000, seed=0)
+    check, truth = _examples(2000, seed=1)
+    c = KindCalibrator.fit(fit)
+    got = np.array([c.probability(e.features) for e in check])
+    assert np.abs(got - truth).max() < 0.05  # the true probability of each answer
+    calibration = Calibration({"color": c})
+    m = evaluate(calibration, check)["color"]
+    assert m["ece_before"] > 0.3 and m["ece_after"] < 0.03
+    assert m["auroc_before"] == 0.5 and m["auroc_after"] > 0.75  # the baseline ranks nothing here
+    # the only informative signal carries the weight
+    weights = dict(zip(c.features, c.weights))
+    assert weights["min_logprob"] > 1.0 and all(abs(w) < 1e-6 for f, w in weights.items() if f != "min_logprob")
+
+
+def test_a_kind_with_only_right_answers_gets_their_rate(tmp_path):
+    examples = [Example("shape", {"mean_logprob": -0.1 * k, "min_logprob": -0.2, "detector_score": 0.5,
+                                  "caption_agrees": 1.0, "label_agrees": 1.0}, True) for k in range(20)]
+    calibration = Calibration.fit(examples)
+    assert calibration.probability("shape", examples[3].features) > 0.999
+    assert calibration.probability("relation", examples[3].features) is None  # never fitted
+    loaded = Calibration.load(calibration.save(tmp_path / "calibration.json"))
+    assert loaded.probability("shape", examples[5].features) == calibration.probability("shape", examples[5].features)
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ValueError, match="not a roiscribe calibration"):
+        Calibration.load(tmp_path / "other.json")
+
+
+def _answer(value, lp=-0.1):
+    return Answer(value, value or "", "ok", lp, lp * 2)
+
+
+def test_answers_are_labelled_by_the_ground_truth_they_match():
+    """Region 0 matches object 0 (IoU 1): its colour is right, its shape wrong, its caption names
+    a colour the direct answer does not. Region 1 matches nothing: all its answers are wrong. The
+    relation 0 -> 2 links two real objects with the true predicate; 0 -> 1 names the false one."""
+    truth = GroundTruth("img.png", 100, 100, [
+        {"box": [0, 0, 40, 40], "color": "red", "shape": "circle", "material": "metal", "size": "large"},
+        {"box": [60, 60, 90, 90], "color": "blue", "shape": "star", "material": "wood", "size": "small"},
+        {"box": [0, 60, 30, 95], "color": "green", "shape": "square", "material": "wood", "size": "small"},
+    ], {"0,2": "above", "2,0": "below"})
+    regions = Regions.from_boxes([[0, 0, 40, 40], [50, 0, 60, 10], [0, 60, 30, 95]], ["circle", "star", "square"],
+                                 scores=[0.9, 0.3, 0.8])
+    answers = [
+        {"color": _answer("red"), "shape": _answer("star"), "material": _answer("metal"),
+         "caption": _answer("a large blue metal circle")},
+        {"color": _answer("red"), "shape": _answer("star"), "material": _answer("wood"),
+         "caption": _answer("a small red wood star")},
+        {"color": _answer("green"), "shape": _answer("square"), "material": _answer("wood"),
+         "caption": _answer("a small green wood square")},
+    ]
+    relations = [RelationAnswer(0, "above", 2, "region1 is above region2", "ok", -0.2, -0.4),
+                 RelationAnswer(0, "left", 1, "region1 is left of region2", "ok", -0.2, -0.4)]
+    result = ImageResult("img.png", "img.png", "ok", width=100, height=100, regions=regions, answers=answers,
+                         relations=relations)
+    got = [(e.kind, e.correct) for e in world_examples([result], [truth])]
+    assert got == [("color", True), ("shape", False), ("material", True), ("caption", False), ("region", True),
+                   ("color", False), ("shape", False), ("material", False), ("caption", False), ("region", False),
+                   ("color", True), ("shape", True), ("material", True), ("caption", True), ("region", True),
+                   ("relation", True), ("relation", False)]
+    first = {e.kind: e.features for e in world_examples([result], [truth])[:5]}
+    assert first["color"]["caption_agrees"] == 0.0  # the caption says blue, the answer red
+    assert first["shape"]["label_agrees"] == 0.0  # labelled circle, answered star
+    assert first["material"]["caption_agrees"] == 1.0 and first["material"]["label_agrees"] == 0.5
+    assert first["caption"]["caption_agrees"] == pytest.approx(1 / 3)  # colour no, shape no, material yes
+    assert first["color"]["detector_score"] == pytest.approx(0.9)
+
+
+def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(tmp_path_factory):
+    """The demo model and detector on 40 unseen scenes: fitted on 70% of the images, checked on the
+    other 30%, the calibrated probabilities are better calibrated than exp(mean log-prob)."""
+    from detectors import build_detector
+    from model.checkpoint import load_model
+    from pipeline.stages import PipelineConfig
+    from synth.dataset import write_dataset
+    from synth.evaluate import read_ground_truth
+
+    folder = write_dataset(tmp_path_factory.mktemp("calibration-world"), range(9_300_000, 9_300_040))
+    calibration = calibrate_world(read_ground_truth(folder), load_model("demo"), PipelineConfig(), build_detector("demo"),
+                                  holdout=0.3, seed=0)
+    checked = calibration.metrics["checked"]
+    assert set(checked) >= {"color", "shape", "material", "caption", "relation", "region", "all"}
+    assert checked["all"]["ece_after"] < checked["all"]["ece_before"], checked["all"]
+    assert checked["all"]["examples"] > 150
+    assert set(calibration.metrics["signals_auroc"]["color"]) == {"mean_logprob", "min_logprob", "detector_score",
+                                                                  "caption_agrees", "label_agrees"}
