@@ -234,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(calibrate)
 
+    export = sub.add_parser("export", help="pseudo-labels: filter a caption output by a policy and export "
+                                           "training data (GPT4RoI conversations, YOLO, COCO) to DIR/exports")
+    export.add_argument("out", type=Path, help="a caption job's output folder")
+    export.add_argument("--calibration", type=Path, default=None,
+                        help="a `roiscribe calibrate` file: filter on calibrated probabilities (default: the "
+                             "uncalibrated confidence, exp(mean token log-prob); regions: the detector score)")
+    export.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
+                        help="threshold per kind (region, caption, color, shape, material, action, relation; "
+                             "default 0.5 each); repeat for several, e.g. --min-probability relation=0.8")
+    export.add_argument("--min-area", type=float, default=0.0, help="smallest box kept, in pixels (default 0)")
+    export.add_argument("--max-per-image", type=int, default=None, help="regions kept per image, the most "
+                                                                        "probable first (default: all)")
+    export.add_argument("--max-per-class", type=int, default=None, help="regions kept per class and image")
+    export.add_argument("--val-fraction", type=float, default=0.1, help="images of the YOLO export kept for "
+                                                                        "validation (default 0.1)")
+
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
     delta.add_argument("--base", type=Path, required=True, help="local LLaMA-7B directory (HF layout)")
     delta.add_argument("--delta", type=Path, required=True, help="local GPT4RoI-7B-delta-V0 directory")
@@ -606,7 +622,35 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+def cmd_export(args) -> int:
+    from pipeline.calibrate import Calibration
+    from sinks.exports import KINDS, Policy, export
+
+    if not (args.out / "data").is_dir():
+        raise UsageError(f"{args.out} holds no caption output (no {args.out / 'data'})")
+    thresholds = dict(Policy().min_probability)
+    for item in args.min_probability:
+        kind, _, value = item.partition("=")
+        if kind not in thresholds:
+            raise UsageError(f"--min-probability {item}: unknown kind {kind!r}; expected one of "
+                             f"{', '.join(sorted(thresholds))}")
+        try:
+            thresholds[kind] = float(value)
+        except ValueError:
+            raise UsageError(f"--min-probability {item}: expected KIND=P with P a number in [0, 1]") from None
+    policy = Policy(thresholds, args.min_area, args.max_per_image, args.max_per_class, args.val_fraction)
+    calibration = Calibration.load(args.calibration) if args.calibration else None
+    manifest = export(args.out, policy, calibration, str(args.calibration) if args.calibration else None)
+    print(f"exported {manifest['images_exported']} images to {args.out / 'exports'} ({manifest['probability']})")
+    for kind in (*KINDS, "action"):
+        c = manifest["counts"].get(kind)
+        if c:
+            print(f"  {kind:<9} {c['accepted']:>7} accepted of {c['proposed']:>7}; rejected: "
+                  + (", ".join(f"{n} {why}" for why, n in c["rejected_by_reason"].items()) or "none"))
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
             "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend,
             "pretrain": cmd_pretrain}
 

@@ -1,0 +1,146 @@
+"""Pseudo-label exports (sinks/exports.py): the policy on a hand-built row, then a real caption
+output exported and each export read by the tool that consumes it: the conversations by
+``roiscribe train`` (one training step), the YOLO set by ultralytics (one epoch, offline), the COCO
+json by the caption job's COCO source."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.arrow import result_to_row
+from pipeline.records import Answer, ImageResult, Regions, RelationAnswer
+from sinks.exports import Policy, decide, export
+
+
+def _answer(value, p):
+    lp = math.log(p)
+    return Answer(value, value or "???", "ok" if value else "unknown", lp, lp)
+
+
+def hand_row():
+    """Four regions: 0 sure (0.9), 1 unsure (0.2), 2 sure but tiny, 3 sure and another circle;
+    answers with set confidences; relations 0->3 (sure), 0->1 (to a rejected region), 3->0 (unsure)."""
+    regions = Regions.from_boxes([[0, 0, 50, 50], [60, 0, 100, 40], [0, 60, 4, 64], [50, 50, 100, 100]],
+                                 ["circle", "star", "square", "circle"], scores=[0.9, 0.2, 0.95, 0.8])
+    answers = [
+        {"caption": _answer("a red circle", 0.9), "color": _answer("red", 0.95), "shape": _answer("circle", 0.3)},
+        {"caption": _answer("a star", 0.9), "color": _answer("blue", 0.9)},
+        {"caption": _answer("a square", 0.9), "color": _answer(None, 0.9)},
+        {"caption": _answer("a green circle", 0.6), "color": _answer("green", 0.99)},
+    ]
+    relations = [RelationAnswer(0, "left of", 3, "", "ok", math.log(0.9), math.log(0.9)),
+                 RelationAnswer(0, "above", 1, "", "ok", math.log(0.9), math.log(0.9)),
+                 RelationAnswer(3, "right of", 0, "", "ok", math.log(0.4), math.log(0.4))]
+    return result_to_row(ImageResult("a.png", "a.png", "ok", width=100, height=100, regions=regions, answers=answers,
+                                     relations=relations))
+
+
+def test_the_policy_keeps_and_rejects_with_reasons():
+    d = decide(hand_row(), Policy(min_area=25.0, max_per_class=1))
+    reasons = [g["reason"] for g in d["regions"]]
+    assert reasons[0] is None
+    assert reasons[1] == "probability 0.20 < 0.50"
+    assert reasons[2] == "area 16 px < 25"
+    assert reasons[3] == "class-cap: 'circle' already has 1 more probable regions"
+    kept = d["regions"][0]["answers"]
+    assert kept["caption"]["reason"] is None and kept["color"]["reason"] is None
+    assert kept["shape"]["reason"] == "probability 0.30 < 0.50"
+    assert kept["caption"]["probability"] == pytest.approx(0.9)  # uncalibrated: exp(mean log-prob)
+    assert d["regions"][1]["answers"]["color"]["reason"] == "region-rejected"
+    assert d["regions"][2]["answers"]["color"]["reason"].startswith("unparsed")
+    assert [r["reason"] for r in d["relations"]] == ["region-rejected"] * 3  # region 3 went to the class cap
+    # without the class cap, the relation between two kept regions stands, the unsure one does not
+    d = decide(hand_row(), Policy(min_area=25.0))
+    assert [r["reason"] for r in d["relations"]] == [None, "region-rejected", "probability 0.40 < 0.50"]
+    d = decide(hand_row(), Policy(max_per_image=1))
+    assert [g["reason"] for g in d["regions"]] == [
+        "image-cap: 1 more probable regions kept", "probability 0.20 < 0.50", None, "image-cap: 1 more probable regions kept"]
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    """A real caption output (the demo models) over 6 unseen world scenes."""
+    from jobs.cli import main
+    from synth.dataset import write_dataset
+
+    world = write_dataset(tmp_path_factory.mktemp("pl-world"), range(9_400_000, 9_400_006))
+    out = tmp_path_factory.mktemp("pl") / "out"
+    assert main(["caption", str(world / "images"), "--out", str(out), "--no-ray", "--max-pairs", "2"]) == 0
+    return out
+
+
+def test_exports_count_every_proposal_and_keep_what_the_policy_keeps(output):
+    manifest = export(output, Policy(min_probability={"region": 0.5, "relation": 0.9}))
+    exports = output / "exports"
+    assert json.loads((exports / "manifest.json").read_text()) == manifest
+    for kind, c in manifest["counts"].items():
+        assert c["accepted"] + c["rejected"] == c["proposed"] and sum(c["rejected_by_reason"].values()) == c["rejected"]
+    decisions = [json.loads(line) for line in (exports / "decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == 6
+    assert manifest["counts"]["region"]["proposed"] == sum(len(d["regions"]) for d in decisions)
+    kept = [[g for g in d["regions"] if g["reason"] is None] for d in decisions]
+    conversations = [json.loads(line) for line in (exports / "conversations.jsonl").read_text().splitlines()]
+    assert [len(c["boxes"]) for c in conversations] == [len(k) for k in kept if k]
+    coco = json.loads((exports / "coco.json").read_text())
+    assert len(coco["annotations"]) == sum(map(len, kept)) == manifest["counts"]["region"]["accepted"]
+    # a stricter policy replaces the export whole
+    strict = export(output, Policy(min_probability={"region": 0.99}))
+    assert strict["counts"]["region"]["accepted"] < manifest["counts"]["region"]["accepted"]
+    assert len(json.loads((exports / "coco.json").read_text())["annotations"]) == strict["counts"]["region"]["accepted"]
+    assert not (output / "exports.partial").exists()
+
+
+def test_the_conversations_train_a_step(output, tmp_path):
+    from model.train import TrainConfig, read_conversations, train
+
+    export(output)
+    records = read_conversations([output / "exports" / "conversations.jsonl"])
+    assert records and all(len(r["boxes"]) >= 1 for r in records)
+    questions = {t["value"] for r in records for t in r["conversations"] if t["from"] == "human"}
+    assert "What is the relationship between <region1> and <region2>?" in questions  # two-region turns too
+    cfg = TrainConfig(data=[str(output / "exports" / "conversations.jsonl")], out=str(tmp_path / "run"),
+                      init="random:tiny", max_steps=1, save_every=1, batch_size=2, max_turns=4, warmup_steps=0)
+    final = train(cfg, progress=False)
+    assert final is not None and final.name == "checkpoint-1"
+
+
+def test_the_yolo_set_trains_an_ultralytics_detector_for_an_epoch(output, tmp_path):
+    from detectors.ultralytics_backend import offline_environment
+
+    offline_environment()
+    from ultralytics import YOLO
+
+    export(output)
+    data = output / "exports" / "yolo" / "data.yaml"
+    import demo
+
+    model = YOLO(str(Path(demo.__file__).parent / "detector.yaml"))  # the shipped detector's layout, untrained
+    model.train(data=str(data), epochs=1, imgsz=128, batch=4, device="cpu", workers=0, project=str(tmp_path),
+                name="yolo", plots=False, val=True, amp=False, verbose=False)
+    assert (tmp_path / "yolo" / "weights" / "last.pt").is_file()
+
+
+def test_the_coco_json_is_a_source_the_caption_job_reads(output):
+    from jobs.sources import open_source
+
+    export(output)
+    coco = output / "exports" / "coco.json"
+    images = json.loads(coco.read_text())["images"]
+    root = str(Path(images[0]["file_name"]).parent)  # the images live beside the world, not the export
+    source = open_source(str(coco), root=root)
+    assert source.coco == coco and len(source.items) == len(images)
+
+
+def test_the_export_command(output, capsys):
+    from jobs.cli import main
+
+    assert main(["export", str(output), "--min-probability", "relation=0.95", "--max-per-image", "2"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((output / "exports" / "manifest.json").read_text())
+    assert manifest["policy"]["min_probability"]["relation"] == 0.95 and manifest["policy"]["max_per_image"] == 2
+    assert f"exported {manifest['images_exported']} images" in printed and "region" in printed
+    assert main(["export", str(output), "--min-probability", "colour=0.5"]) == 2
+    assert "unknown kind 'colour'" in capsys.readouterr().err
+    assert main(["export", str(output / "nothing")]) == 2
