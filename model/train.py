@@ -40,6 +40,9 @@ STAGE_TRAINABLE = {1: ("spi_module",), 2: ("mm_projector", "spi_module", "llm")}
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # JSONL / Parquet conversation files
+    # how often each file's records are seen per epoch (default 1 each): e.g. [1.0, 0.5, 3.0] for
+    # labelled, pseudo-labelled and human-corrected data; 0.5 takes a fresh half of the file each epoch
+    data_weights: list[float] = field(default_factory=list)
     out: str = "runs/train"
     init: str = "random:tiny"  # a model spec: random:PRESET, demo, or a roiscribe checkpoint directory
     stage: int = 2
@@ -71,6 +74,11 @@ class TrainConfig:
                              "and tested on GPUs yet; use DDP (the default with --ray) and gradient_checkpointing")
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.data_weights and len(self.data_weights) != len(self.data):
+            raise ValueError(f"data_weights has {len(self.data_weights)} weights for {len(self.data)} data files; "
+                             "give one per file (or none: 1 each)")
+        if any(not w > 0 for w in self.data_weights):
+            raise ValueError(f"data_weights must be > 0, got {self.data_weights}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -98,9 +106,10 @@ def config_from_file(cls, path: str | Path, relative: Sequence[str] = ()):
 # Data ---------------------------------------------------------------------------------------------
 
 def read_conversations(paths: Sequence[str | Path]) -> list[dict]:
-    """Records of the conversation format; image paths resolved against their file's folder."""
+    """Records of the conversation format; image paths resolved against their file's folder. Each
+    record's ``source`` is the index of its file in ``paths`` (for ``TrainConfig.data_weights``)."""
     records = []
-    for path in map(Path, paths):
+    for source, path in enumerate(map(Path, paths)):
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -110,6 +119,7 @@ def read_conversations(paths: Sequence[str | Path]) -> list[dict]:
         for row in rows:
             image = Path(row["image"])
             row["image"] = str(image if image.is_absolute() else path.parent / image)
+            row["source"] = source
             records.append(row)
     if not records:
         raise ValueError(f"no training records in {list(map(str, paths))}")
@@ -156,11 +166,30 @@ class Batches:
     def __init__(self, records: list[dict], loaded: Loaded, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.records, self.loaded, self.cfg = records, loaded, cfg
         self.rank, self.world = rank, world
+        by_source: dict[int, list[int]] = {}
+        for i, rec in enumerate(records):
+            by_source.setdefault(rec.get("source", 0), []).append(i)
+        weights = cfg.data_weights or [1.0] * (max(by_source, default=0) + 1)
+        # per source: its records, and how many of them an epoch holds (the same every epoch, so
+        # that steps per epoch, and with them resuming, stay fixed)
+        self.sources = [(idx, max(1, round(weights[s] * len(idx)))) for s, idx in sorted(by_source.items())]
+        self.epoch_size = sum(n for _, n in self.sources)
+
+    def order(self, epoch: int) -> list[int]:
+        """The record indices of one epoch, all ranks: each source's records ``weight`` times (whole
+        repeats, then a sample of the rest drawn per epoch), shuffled; with all weights 1, every
+        record once."""
+        rng = random.Random(self.cfg.seed + epoch)
+        order = []
+        for idx, n in self.sources:
+            order += idx * (n // len(idx))
+            if n % len(idx):
+                order += sorted(random.Random(f"{self.cfg.seed}:{epoch}:{idx[0]}").sample(idx, n % len(idx)))
+        rng.shuffle(order)
+        return order
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        order = list(range(len(self.records)))
-        random.Random(self.cfg.seed + epoch).shuffle(order)
-        order = order[self.rank::self.world]
+        order = self.order(epoch)[self.rank::self.world]
         bs = self.cfg.batch_size
         for start in range(skip * bs, len(order) - bs + 1, bs):
             yield self.collate([self.records[i] for i in order[start:start + bs]], epoch * 1_000_003 + start)
@@ -247,7 +276,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     start = load_state(resume / STATE_FILE, optim, sched)[0] if resume is not None else 0
     wrapped = _wrap(model, cfg, device)
     batches = Batches(read_conversations(cfg.data), loaded, cfg, rank, world)
-    per_epoch = max(len(batches.records) // world // cfg.batch_size, 1)
+    per_epoch = max(batches.epoch_size // world // cfg.batch_size, 1)
     autocast = _autocast(cfg, device)
     avg: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -280,3 +280,32 @@ def test_config_files_refuse_unknown_keys_and_read_data_relative_to_the_file(tmp
     path.write_text('fsdp = true\n')
     with pytest.raises(ConfigError, match="fsdp = true is not supported"):
         TrainConfig.from_file(path)
+
+
+def test_data_weights_set_how_often_each_source_is_seen(world, tmp_path):
+    """Labelled data twice per epoch, pseudo-labels half (a fresh half each epoch): the epoch's
+    size is fixed, so steps per epoch (and resuming) do not move."""
+    from collections import Counter
+
+    conversations = world / "conversations.jsonl"
+    lines = conversations.read_text().splitlines()
+    labelled, pseudo = tmp_path / "labelled.jsonl", tmp_path / "pseudo.jsonl"
+    absolute = [line.replace('"images/', f'"{world}/images/') for line in lines]  # the files move, the images not
+    labelled.write_text("\n".join(absolute[:4]) + "\n")
+    pseudo.write_text("\n".join(absolute[4:]) + "\n")
+    cfg = TrainConfig(data=[str(labelled), str(pseudo)], data_weights=[2.0, 0.5], batch_size=2, seed=3)
+    records = read_conversations(cfg.data)
+    assert [r["source"] for r in records] == [0] * 4 + [1] * 8
+    batches = Batches(records, random_init("tiny"), cfg)
+    assert batches.epoch_size == 4 * 2 + 8 // 2
+    seen = [Counter(batches.order(e)) for e in range(3)]
+    for counts in seen:
+        assert all(counts[i] == 2 for i in range(4))  # every labelled record twice
+        assert sorted(counts[i] for i in range(4, 12)) == [0] * 4 + [1] * 4  # half of the pseudo-labels once
+    assert len({tuple(sorted(i for i in c if i >= 4)) for c in seen}) > 1  # another half in another epoch
+    same = TrainConfig(data=cfg.data, batch_size=2, seed=3)  # no weights: every record once, as before
+    assert sorted(Batches(records, random_init("tiny"), same).order(0)) == list(range(12))
+    with pytest.raises(ValueError, match="2 weights for 1 data files"):
+        TrainConfig(data=[str(labelled)], data_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="must be > 0"):
+        TrainConfig(data=[str(labelled), str(pseudo)], data_weights=[1.0, 0.0])
