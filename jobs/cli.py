@@ -250,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--val-fraction", type=float, default=0.1, help="images of the YOLO export kept for "
                                                                         "validation (default 0.1)")
 
+    corrections = sub.add_parser("corrections", help="the annotations people made in a Label Studio project, as "
+                                                     "training data (GPT4RoI conversations, YOLO, COCO) in DIR/exports")
+    corrections.add_argument("--url", required=True, help="the Label Studio server (token: LABEL_STUDIO_API_KEY)")
+    corrections.add_argument("--project", required=True, help="project title or id")
+    corrections.add_argument("--out", type=Path, required=True, help="folder for exports/ (and downloaded images)")
+    corrections.add_argument("--document-root", default=None, help="the server's local-files document root")
+    corrections.add_argument("--retries", type=int, default=5, help="read retries while the server is unreachable")
+
     delta = sub.add_parser("apply-delta", help="merge the released GPT4RoI delta into a local LLaMA-7B")
     delta.add_argument("--base", type=Path, required=True, help="local LLaMA-7B directory (HF layout)")
     delta.add_argument("--delta", type=Path, required=True, help="local GPT4RoI-7B-delta-V0 directory")
@@ -650,7 +658,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+def cmd_corrections(args) -> int:
+    from sinks.label_studio import LabelStudioError
+    from sinks.label_studio.corrections import export_corrections
+
+    try:
+        manifest = export_corrections(_client(args.url, args.retries), args.project, args.out, args.document_root)
+    except LabelStudioError as e:
+        print(f"roiscribe corrections: {e}", file=sys.stderr)
+        return 1
+    print(f"{manifest['annotated']} of {manifest['tasks']} tasks annotated; {manifest['images_exported']} exported to "
+          f"{args.out / 'exports'}" + "".join(f"; skipped: {n} {why}" for why, n in manifest["images_skipped"].items()))
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export, "corrections": cmd_corrections, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
             "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend,
             "pretrain": cmd_pretrain}
 

@@ -37,7 +37,7 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 KINDS = ("region", "caption", "color", "shape", "material", "relation")
 ANSWER_KINDS = ("caption", "color", "shape", "material", "action")
@@ -192,10 +192,29 @@ def _local_path(uri: str) -> str | None:
 def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibration_path: str | None = None) -> dict:
     """Write ``OUT/exports/`` from the output's rows (see the module docstring); returns the
     manifest."""
+    skipped: Counter = Counter()
+
+    def decisions() -> Iterator[dict]:
+        for row in _rows(Path(out)):
+            if row["status"] != "ok":
+                skipped["error rows"] += 1
+                continue
+            yield decide(row, policy, calibration)
+
+    extra = {"policy": asdict(policy), "calibration": calibration_path,
+             "probability": "calibrated" if calibration is not None else
+                            "uncalibrated: exp(mean token log-prob); regions: detector score"}
+    return write_exports(Path(out) / "exports", decisions(), policy.val_fraction, extra, skipped)
+
+
+def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 0.1, manifest: dict | None = None,
+                  skipped: Counter | None = None) -> dict:
+    """The training exports of ``decisions`` (``decide``'s records: what is accepted has no
+    ``reason``) under ``final``: built in a sibling folder, then swapped in whole. Returns the
+    manifest (``manifest``'s fields, the counts, the images exported and skipped, the classes)."""
     from pipeline.compose import Templates
 
-    out = Path(out)
-    final, dest = out / "exports", out / "exports.partial"  # built aside, then swapped in whole
+    dest = final.with_name(final.name + ".partial")
     shutil.rmtree(dest, ignore_errors=True)
     yolo = dest / "yolo"
     for split in ("train", "val"):
@@ -203,16 +222,13 @@ def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibra
         (yolo / "labels" / split).mkdir(parents=True, exist_ok=True)
     templates = Templates()
     counts = Counts()
-    classes: dict[str, int] = {}  # label -> detector class id (-1: unknown)
+    classes: dict[str, int] = {}  # label -> its index in data.yaml (COCO: + 1)
     coco_images, coco_annotations = [], []
-    skipped: Counter = Counter()
-    with (open(dest / "conversations.jsonl", "w") as conv, open(dest / "decisions.jsonl", "w") as decisions):
-        for row in _rows(out):
-            if row["status"] != "ok":
-                skipped["error rows"] += 1
-                continue
-            d = decide(row, policy, calibration)
-            decisions.write(json.dumps(d) + "\n")
+    skipped = skipped if skipped is not None else Counter()
+    every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    with (open(dest / "conversations.jsonl", "w") as conv, open(dest / "decisions.jsonl", "w") as log):
+        for d in decisions:
+            log.write(json.dumps(d) + "\n")
             for g in d["regions"]:
                 counts.add("region", g["reason"])
                 for name, a in g["answers"].items():
@@ -237,7 +253,6 @@ def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibra
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": g["area"], "iscrowd": 0,
                     "score": g["probability"],
                     "attributes": {n: a["value"] for n, a in g["answers"].items() if a["reason"] is None}})
-            every = max(1, round(1 / policy.val_fraction)) if policy.val_fraction > 0 else 0
             split = "val" if every and (image_id - 1) % every == 0 else "train"  # the first image is val
             _yolo_item(yolo, split, d, kept, path, image_id, classes)
     names = list(classes)
@@ -246,11 +261,8 @@ def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibra
     coco = {"images": coco_images, "annotations": coco_annotations,
             "categories": [{"id": i + 1, "name": c} for i, c in enumerate(names)]}
     (dest / "coco.json").write_text(json.dumps(coco))
-    manifest = {"policy": asdict(policy), "calibration": calibration_path,
-                "probability": "calibrated" if calibration is not None else
-                               "uncalibrated: exp(mean token log-prob); regions: detector score",
-                "counts": counts.as_dict(), "images_exported": len(coco_images), "images_skipped": dict(skipped),
-                "classes": names}
+    manifest = {**(manifest or {}), "counts": counts.as_dict(), "images_exported": len(coco_images),
+                "images_skipped": dict(skipped), "classes": names}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(final, ignore_errors=True)  # the previous export (another policy) goes
     dest.rename(final)

@@ -487,3 +487,79 @@ def test_an_import_that_creates_fewer_than_sent_stops_the_push_and_a_rerun_compl
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_corrections_made_in_label_studio_become_the_training_data(ls_server, ls_token, scene_dir, tmp_path):
+    """Push a prediction, then save an annotation the way the editor does (the prediction's items
+    with the person's changes: a box moved, a caption edited, a choice changed, a region deleted,
+    a box added with its caption and colour, a relation removed and one added); the exported
+    conversations are exactly the edited truth, and a task nobody annotated is not exported."""
+    import copy
+
+    from sinks.label_studio import ImageRefs, PushConfig, push
+    from sinks.label_studio.corrections import export_corrections
+    from tests.sinks.test_label_studio import make_row
+
+    rows = []
+    for k in (0, 1):
+        image = scene_dir / f"s{k}.png"
+        row = make_row(k, str(image))
+        w, h = Image.open(image).size
+        row.update(width=w, height=h, image_id=f"corr-s{k}")
+        rows.append(row)
+    push(rows, PushConfig(ls_server.url, "corrections", ImageRefs("local-files", str(ls_server.document_root)),
+                          model_version="v1"), progress=False)
+    _, tasks = tasks_of(ls_server, ls_token, "corrections")
+    task = next(t for t in tasks if t["data"]["roiscribe_key"] == "corr-s0")
+    w, h = rows[0]["width"], rows[0]["height"]
+    result = copy.deepcopy(task["predictions"][0]["result"])
+    for item in result:
+        if item.get("id") == "r0":  # moved: every item of the region carries its geometry
+            item["value"].update(x=5.0, y=6.0)
+        if item.get("id") == "r0" and item["from_name"] == "caption":
+            item["value"]["text"] = ["a corrected caption"]
+        if item.get("id") == "r1" and item["from_name"] == "color":
+            item["value"]["choices"] = ["purple"]
+    result = [i for i in result if i.get("id") != "r2" and "r2" not in (i.get("from_id"), i.get("to_id"))
+              and not (i["type"] == "relation" and i["from_id"] == "r0" and i["to_id"] == "r1")]
+    new = {"x": 60.0, "y": 50.0, "width": 20.0, "height": 25.0, "rotation": 0}
+    base = {"id": "n1", "to_name": "image", "original_width": w, "original_height": h, "image_rotation": 0}
+    result += [{**base, "from_name": "region", "type": "rectanglelabels", "value": {**new, "rectanglelabels": ["star"]}},
+               {**base, "from_name": "caption", "type": "textarea", "value": {**new, "text": ["a new star"]}},
+               {**base, "from_name": "color", "type": "choices", "value": {**new, "choices": ["green"]}},
+               {"type": "relation", "from_id": "n1", "to_id": "r0", "direction": "right", "labels": ["above"]}]
+    r = httpx.post(f"{ls_server.url}/api/tasks/{task['id']}/annotations",
+                   headers={"Authorization": f"Token {ls_token}"}, json={"result": result})
+    assert r.status_code == 201, r.text
+
+    manifest = export_corrections(LabelStudio(ls_server.url, ls_token), "corrections", tmp_path / "corr",
+                                  str(ls_server.document_root))
+    assert manifest["tasks"] == 2 and manifest["annotated"] == 1
+    assert manifest["images_skipped"] == {"not annotated": 1}
+    (record,) = [json.loads(line) for line in (tmp_path / "corr" / "exports" / "conversations.jsonl").read_text().splitlines()]
+    original = rows[0]["regions"]
+    r1 = original[1]
+    caption_q = "What can you tell me about the region indicated by <region1> in the image?"
+    color_q = "What is the color of <region1>?"
+    assert record["image"] == str((scene_dir / "s0.png").resolve())
+    want = [[5.0 / 100 * w, 6.0 / 100 * h, 5.0 / 100 * w + 30.5, 6.0 / 100 * h + 40.25],  # moved, same size
+            r1["box"], [0.6 * w, 0.5 * h, 0.8 * w, 0.75 * h]]
+    assert [v for box in record["boxes"] for v in box] == pytest.approx([v for box in want for v in box], abs=1e-3)
+    assert record["conversations"] == [
+        {"from": "human", "value": caption_q, "regions": [0]}, {"from": "gpt", "value": "a corrected caption"},
+        {"from": "human", "value": color_q, "regions": [0]}, {"from": "gpt", "value": original[0]["answers"][1]["value"]},
+        {"from": "human", "value": caption_q, "regions": [1]}, {"from": "gpt", "value": r1["caption"]},
+        {"from": "human", "value": color_q, "regions": [1]}, {"from": "gpt", "value": "purple"},
+        {"from": "human", "value": caption_q, "regions": [2]}, {"from": "gpt", "value": "a new star"},
+        {"from": "human", "value": color_q, "regions": [2]}, {"from": "gpt", "value": "green"},
+        {"from": "human", "value": "What is the relationship between <region1> and <region2>?", "regions": [2, 0]},
+        {"from": "gpt", "value": "region1 is above region2"},
+    ]
+    coco = json.loads((tmp_path / "corr" / "exports" / "coco.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["circle", "star"]
+    # the same from the command line
+    assert main(["corrections", "--url", ls_server.url, "--project", "corrections", "--out", str(tmp_path / "cli"),
+                 "--document-root", str(ls_server.document_root)]) == 0
+    assert (tmp_path / "cli" / "exports" / "conversations.jsonl").read_text() == \
+        (tmp_path / "corr" / "exports" / "conversations.jsonl").read_text()
+    assert [a["attributes"]["color"] for a in coco["annotations"]] == [original[0]["answers"][1]["value"], "purple", "green"]
