@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", type=Path, default=None,
                            help="where to write the calibration (default: calibration.json in the model's "
                                 "checkpoint directory)")
+    calibrate.add_argument("--jitter", type=float, default=None,
+                           help="also measure stability: ask again with box edges moved by this share of the box "
+                                "(e.g. 0.05; a second pass, twice the time)")
     calibrate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(calibrate)
 
@@ -621,7 +624,7 @@ def cmd_calibrate(args) -> int:
     _check_detector(args.detector or "demo")
     detector = DetectorSpec(args.detector or "demo", spec.device).build()
     config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size)
-    calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed)
+    calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed, args.jitter)
     calibration.fitted_on |= {"data": str(args.data), "check": str(args.check) if args.check else None,
                               "model": spec.spec, "detector": args.detector or "demo"}
     print(format_report(calibration.metrics["checked"], calibration.metrics["signals_auroc"]))

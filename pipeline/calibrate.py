@@ -18,7 +18,10 @@ Signals (``FEATURES``), each known without ground truth when the job runs:
 * ``caption_agrees``: the caption names the same value as the direct answer (1), another one
   (0), or none (0.5); for a caption, the share of its attribute words the direct answers repeat;
 * ``label_agrees``: the detector's class names the same value as the answer (1), another (0),
-  or the class is no word of the attribute (0.5) (``pipeline.review``).
+  or the class is no word of the attribute (0.5) (``pipeline.review``);
+* ``jitter_agrees``: asked again about the same region with its box edges moved a little
+  (``jitter_agreement``: a second pass, so it doubles the cost), the answer stays the same (1) or
+  not (0); 0.5 when not measured. A region: its shape answer's.
 
 The calibrator is a logistic regression on the standardised signals (L2-regularised, fitted by
 Newton's method): monotone in each signal, a handful of parameters per kind, so that a few
@@ -41,7 +44,7 @@ import numpy as np
 
 FORMAT = "roiscribe-calibration"
 FORMAT_VERSION = 1
-FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees")
+FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees", "jitter_agrees")
 ATTRIBUTE_KINDS = ("color", "shape", "material")
 KINDS = (*ATTRIBUTE_KINDS, "caption", "relation", "region")
 UNKNOWN_AGREEMENT = 0.5  # neither agrees nor disagrees: the caption or the label names no value
@@ -83,9 +86,12 @@ def _agreement(said: str | None, other: str | None) -> float:
     return 1.0 if said == other else 0.0
 
 
-def region_signals(result, r: int) -> dict[str, dict[str, float]]:
-    """kind -> signals for every answer of region ``r`` of an ``ImageResult`` (and the region)."""
+def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict[str, float]]:
+    """kind -> signals for every answer of region ``r`` of an ``ImageResult`` (and the region);
+    ``jitter``: answer name -> agreement under box jitter (``jitter_agreement``), if measured."""
     from pipeline.review import vocabulary_value
+
+    jitter = jitter or {}
 
     answers = result.answers[r] if r < len(result.answers) else {}
     score = float(result.regions.scores[r])
@@ -100,7 +106,8 @@ def region_signals(result, r: int) -> dict[str, dict[str, float]]:
         in_caption = _named(kind, caption.value if caption else None)
         out[kind] = {"mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "detector_score": score,
                      "caption_agrees": _agreement(a.value, in_caption),
-                     "label_agrees": _agreement(a.value, vocabulary_value(kind, label))}
+                     "label_agrees": _agreement(a.value, vocabulary_value(kind, label)),
+                     "jitter_agrees": jitter.get(kind, UNKNOWN_AGREEMENT)}
         if in_caption is not None:
             named += 1
             agreeing += int(in_caption == a.value)
@@ -108,38 +115,78 @@ def region_signals(result, r: int) -> dict[str, dict[str, float]]:
         out["caption"] = {"mean_logprob": caption.mean_logprob, "min_logprob": caption.min_logprob,
                           "detector_score": score,
                           "caption_agrees": agreeing / named if named else UNKNOWN_AGREEMENT,
-                          "label_agrees": _agreement(_named("shape", caption.value), vocabulary_value("shape", label))}
+                          "label_agrees": _agreement(_named("shape", caption.value), vocabulary_value("shape", label)),
+                          "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
     shape = answers.get("shape")
     out["region"] = {"mean_logprob": shape.mean_logprob if shape else 0.0,
                      "min_logprob": shape.min_logprob if shape else 0.0, "detector_score": score,
                      "caption_agrees": out.get("shape", {}).get("caption_agrees", UNKNOWN_AGREEMENT),
-                     "label_agrees": out.get("shape", {}).get("label_agrees", UNKNOWN_AGREEMENT)}
+                     "label_agrees": out.get("shape", {}).get("label_agrees", UNKNOWN_AGREEMENT),
+                     "jitter_agrees": jitter.get("shape", UNKNOWN_AGREEMENT)}
     return out
 
 
-def relation_signals(result, rel) -> dict[str, float]:
+def relation_signals(result, rel, jitter: float = UNKNOWN_AGREEMENT) -> dict[str, float]:
     scores = result.regions.scores
     return {"mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob,
             "detector_score": float(min(scores[rel.subject], scores[rel.object])),
-            "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT}
+            "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter}
+
+
+def jitter_agreement(results, loaded, config, jitter: float = 0.05, seed: int = 0) -> list[dict]:
+    """Ask every question again with each box's edges moved by Gaussian noise (``jitter`` of the
+    box's width / height; ``model.train.jitter_box``) -> per result ``{region: {answer name:
+    1.0 | 0.0}, "relations": {(subject, object): 1.0 | 0.0 | 0.5}}``: whether the answer stayed the
+    same (a relation the second pass did not ask: 0.5). Empty for an image that failed."""
+    import dataclasses
+    import random
+
+    from detectors.given import GivenBoxes
+    from model.train import jitter_box
+    from pipeline.flow import annotate
+    from pipeline.records import Regions
+
+    rng = random.Random(seed)
+    mapping = {}
+    for res in results:
+        if res.status == "ok":
+            boxes = [jitter_box(b, jitter, res.width, res.height, rng) for b in res.regions.boxes.tolist()]
+            mapping[res.uri] = Regions(np.asarray(boxes, np.float32).reshape(-1, 4), res.regions.scores,
+                                       res.regions.class_ids, list(res.regions.class_names))
+    again = annotate([res.uri for res in results], GivenBoxes(mapping), loaded,
+                     dataclasses.replace(config, postprocess=None))  # the same regions, in the same order
+    out = []
+    for first, second in zip(results, again):
+        agree: dict = {}
+        if first.ok and second.ok and len(second.regions) == len(first.regions):
+            for r, (a, b) in enumerate(zip(first.answers, second.answers)):
+                agree[r] = {k: float(a[k].value == b[k].value) for k in a if k in b}
+            asked = {(x.subject, x.object): x.predicate for x in second.relations}
+            agree["relations"] = {(x.subject, x.object): (float(asked[(x.subject, x.object)] == x.predicate)
+                                                          if (x.subject, x.object) in asked else UNKNOWN_AGREEMENT)
+                                  for x in first.relations}
+        out.append(agree)
+    return out
 
 
 # Labelled examples from the synthetic world -------------------------------------------------------
 
-def world_examples(results, truths, iou: float = 0.5) -> list[Example]:
+def world_examples(results, truths, iou: float = 0.5, jitter: list[dict] | None = None) -> list[Example]:
     """Every answer of ``annotate()`` results, labelled right or wrong by the world's ground truth
-    (``synth.evaluate.GroundTruth``): regions matched at IoU >= ``iou`` (greedy, by score)."""
+    (``synth.evaluate.GroundTruth``): regions matched at IoU >= ``iou`` (greedy, by score).
+    ``jitter``: ``jitter_agreement`` of the same results, if measured."""
     from pipeline.review import vocabulary_value
     from synth.evaluate import match
 
     out: list[Example] = []
-    for result, truth in zip(results, truths):
+    for k, (result, truth) in enumerate(zip(results, truths)):
         if result.status != "ok":
             continue
+        agree = jitter[k] if jitter is not None else {}
         pairs = match(result.regions, truth.regions.boxes, iou)
         for r in range(len(result.regions)):
             obj = truth.objects[pairs[r]] if r in pairs else None
-            signals = region_signals(result, r)
+            signals = region_signals(result, r, agree.get(r))
             answers = result.answers[r] if r < len(result.answers) else {}
             for kind, features in signals.items():
                 if obj is None:
@@ -159,7 +206,8 @@ def world_examples(results, truths, iou: float = 0.5) -> list[Example]:
             want = None
             if rel.subject in pairs and rel.object in pairs:
                 want = truth.relations.get(f"{pairs[rel.subject]},{pairs[rel.object]}")
-            out.append(Example("relation", relation_signals(result, rel), want is not None and rel.predicate == want))
+            stable = agree.get("relations", {}).get((rel.subject, rel.object), UNKNOWN_AGREEMENT)
+            out.append(Example("relation", relation_signals(result, rel, stable), want is not None and rel.predicate == want))
     return out
 
 
@@ -357,29 +405,31 @@ def format_report(metrics: dict, signals: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def world_examples_of(truths, loaded, config, detector) -> tuple[list[Example], list[int]]:
+def world_examples_of(truths, loaded, config, detector, jitter: float | None = None) -> tuple[list[Example], list[int]]:
     """Run the pipeline (``annotate``) on the world's images with ``detector``'s boxes -> the
-    labelled examples and the image index of each."""
+    labelled examples and the image index of each (with ``jitter``, a second pass measures
+    ``jitter_agrees``)."""
     from pipeline.flow import annotate
 
     results = annotate([t.image for t in truths], detector, loaded, config)
+    stable = jitter_agreement(results, loaded, config, jitter) if jitter else [{}] * len(results)
     examples, images = [], []
     for i, (result, truth) in enumerate(zip(results, truths)):
-        found = world_examples([result], [truth])
+        found = world_examples([result], [truth], jitter=[stable[i]])
         examples += found
         images += [i] * len(found)
     return examples, images
 
 
 def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout: float = 0.3,
-                    seed: int = 0) -> Calibration:
+                    seed: int = 0, jitter: float | None = None) -> Calibration:
     """Fit on the world's answers and check on ``check_truths`` (another world: scenes of a seed
     used for nothing else), or, without one, on a ``holdout`` share of the images kept out of the
     fit. The metrics (before and after, per kind) and each signal's AUROC on the checked answers go
     into the calibration's ``metrics``."""
-    examples, images = world_examples_of(truths, loaded, config, detector)
+    examples, images = world_examples_of(truths, loaded, config, detector, jitter)
     if check_truths is not None:
-        fit, check = examples, world_examples_of(check_truths, loaded, config, detector)[0]
+        fit, check = examples, world_examples_of(check_truths, loaded, config, detector, jitter)[0]
         how = f"checked on {len(check_truths)} other images"
     else:
         fit, check = split(examples, images, holdout, seed)

@@ -32,7 +32,8 @@ def _examples(n, seed, kind="color", bias=-0.5):
     p = 1 / (1 + np.exp(-(2 * z + bias)))
     right = rng.random(n) < p
     return [Example(kind, {"mean_logprob": math.log(0.95), "min_logprob": float(zi), "detector_score": 0.9,
-                           "caption_agrees": 0.5, "label_agrees": 0.5}, bool(r)) for zi, r in zip(z, right)], p
+                           "caption_agrees": 0.5, "label_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+            for zi, r in zip(z, right)], p
 
 
 def test_the_fit_recovers_the_probability_and_calibrates_held_out_answers():
@@ -52,7 +53,8 @@ def test_the_fit_recovers_the_probability_and_calibrates_held_out_answers():
 
 def test_a_kind_with_only_right_answers_gets_their_rate(tmp_path):
     examples = [Example("shape", {"mean_logprob": -0.1 * k, "min_logprob": -0.2, "detector_score": 0.5,
-                                  "caption_agrees": 1.0, "label_agrees": 1.0}, True) for k in range(20)]
+                                  "caption_agrees": 1.0, "label_agrees": 1.0, "jitter_agrees": 1.0}, True)
+                for k in range(20)]
     calibration = Calibration.fit(examples)
     assert calibration.probability("shape", examples[3].features) > 0.999
     assert calibration.probability("relation", examples[3].features) is None  # never fitted
@@ -120,4 +122,30 @@ def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(t
     assert checked["all"]["ece_after"] < checked["all"]["ece_before"], checked["all"]
     assert checked["all"]["examples"] > 150
     assert set(calibration.metrics["signals_auroc"]["color"]) == {"mean_logprob", "min_logprob", "detector_score",
-                                                                  "caption_agrees", "label_agrees"}
+                                                                  "caption_agrees", "label_agrees", "jitter_agrees"}
+
+
+def test_jitter_agreement_asks_again_about_moved_boxes(tmp_path_factory):
+    """Without noise the second pass asks exactly the same questions about exactly the same boxes,
+    so every answer agrees; with noise some answers of the demo model change, and the change is a
+    signal of a wrong answer."""
+    from detectors import build_detector
+    from model.checkpoint import load_model
+    from pipeline.calibrate import jitter_agreement
+    from pipeline.flow import annotate
+    from pipeline.stages import PipelineConfig
+    from synth.dataset import write_dataset
+    from synth.evaluate import read_ground_truth
+
+    truths = read_ground_truth(write_dataset(tmp_path_factory.mktemp("jitter-world"), range(9_300_100, 9_300_106)))
+    model, config = load_model("demo"), PipelineConfig()
+    results = annotate([t.image for t in truths], build_detector("demo"), model, config)
+    same = jitter_agreement(results, model, config, jitter=0.0)
+    values = [v for agree in same for r, answers in agree.items() if r != "relations" for v in answers.values()]
+    assert values and all(v == 1.0 for v in values)
+    assert all(v == 1.0 for agree in same for v in agree["relations"].values())
+    moved = jitter_agreement(results, model, config, jitter=0.3)
+    values = [v for agree in moved for r, answers in agree.items() if r != "relations" for v in answers.values()]
+    assert 0.0 in values and 1.0 in values
+    examples = world_examples(results, truths, jitter=moved)
+    assert {e.features["jitter_agrees"] for e in examples if e.kind == "color"} <= {0.0, 1.0}
