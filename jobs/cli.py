@@ -30,6 +30,10 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
     p.add_argument("--chunk-size", type=int, default=500, help="tasks per import request")
     p.add_argument("--max-relations", type=_non_negative_int, default=5,
                    help="relations pushed per image, the most confident first (default 5; 0: none)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="a `roiscribe calibrate` file: every score pushed is the calibrated probability of being "
+                        "right, the prediction's that the whole pre-annotation is (sort by it to review the "
+                        "least sure first)")
     p.add_argument("--retries", type=int, default=5,
                    help="read retries (exponential backoff from 1 s) while the server is unreachable")
 
@@ -421,13 +425,21 @@ def _push(args, out: Path) -> int:
         raise UsageError(str(e)) from None
     if task_files is None and not (args.url and args.project):
         raise UsageError("push needs --url and --project (or --task-files DIR to write task files instead)")
+    calibration = None
+    if args.calibration is not None:
+        from pipeline.calibrate import Calibration
+
+        try:
+            calibration = Calibration.load(args.calibration)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--calibration {args.calibration}: {e}") from None
     try:
         if task_files is not None:
             report = write_task_files(out, task_files, images, args.model_version, args.chunk_size,
-                                      args.max_relations)
+                                      args.max_relations, calibration)
         else:
             cfg = PushConfig(args.url, args.project, images, model_version=args.model_version,
-                             chunk_size=args.chunk_size, max_relations=args.max_relations)
+                             chunk_size=args.chunk_size, max_relations=args.max_relations, calibration=calibration)
             report = push(out, cfg, client=_client(args.url, args.retries))
     except LabelStudioError as e:
         print(f"roiscribe push: {e}", file=sys.stderr)

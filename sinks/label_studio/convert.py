@@ -61,7 +61,8 @@ def percent_box_to_pixels(result: dict, task_id=None) -> list[float]:
 
 # Rows -> prediction results -----------------------------------------------------------------------
 
-def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None) -> tuple[list[dict], float | None]:
+def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None,
+                  calibration=None) -> tuple[list[dict], float | None]:
     """The prediction ``result`` list and score of one ``ok`` row; raises ``TaskError`` for a row
     that would make an invalid prediction (a box outside the image, a relation to a missing
     region, a value the labeling config does not offer).
@@ -70,7 +71,13 @@ def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None)
     by the answer's confidence) and, when its box label disagrees with a compared answer, a flag
     (``pipeline.review``). At most ``max_relations`` relations (None: all), the most confident
     first, become Label Studio relations, and the same ones the image's read-only relation list
-    when the config has it (``ConfigSpec.relation_list``)."""
+    when the config has it (``ConfigSpec.relation_list``).
+
+    With a ``calibration`` (``pipeline.calibrate.Calibration``) every score is a calibrated
+    probability of being right instead: a box's that it is a real object of its class, a caption's
+    and a choice's that the answer is right, and the prediction's that the whole pre-annotation is
+    right (the product over its boxes, captions, choices and relations), so that sorting tasks by
+    prediction score in Label Studio puts the ones that most need a person first."""
     key = row["image_id"]
     w, h = row.get("width") or 0, row.get("height") or 0
     if w <= 0 or h <= 0:
@@ -82,7 +89,35 @@ def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None)
         if region.get("score") is not None:
             scores.append(float(region["score"]))
     result += _relation_results(key, row.get("relations") or [], labels, spec, max_relations)
+    if calibration is not None:
+        return _calibrated(row, result, calibration)
     return result, (sum(scores) / len(scores) if scores else None)
+
+
+def _calibrated(row: dict, result: list[dict], calibration) -> tuple[list[dict], float]:
+    """``result`` with each item's score the calibrated probability (``sinks.exports.decide``), and
+    the probability that every item is right (their product)."""
+    from sinks.exports import Policy, decide
+
+    d = decide(row, Policy(min_probability={}), calibration)
+    region = {f"r{g['region_id']}": g for g in d["regions"]}
+    relation = {(f"r{x['subject']}", f"r{x['object']}", x["predicate"]): x["probability"] for x in d["relations"]}
+    whole, out = 1.0, []
+    for item in result:
+        p = None
+        if item["type"] == "relation":
+            p = relation.get((item["from_id"], item["to_id"], item["labels"][0]))
+        elif item.get("id") in region and item["from_name"] == REGION:
+            p = region[item["id"]]["probability"]
+        elif item.get("id") in region and item["from_name"] != FLAGS:
+            name = "caption" if item["from_name"] == CAPTION else item["from_name"]
+            p = (region[item["id"]]["answers"].get(name) or {}).get("probability")
+        if p is not None:
+            whole *= p
+            if item["type"] != "relation":  # Label Studio's relations carry no score
+                item = {**item, "score": p}
+        out.append(item)
+    return out, whole
 
 
 def _region_results(key: str, region: dict, spec: ConfigSpec, w: int, h: int) -> list[dict]:

@@ -59,6 +59,7 @@ class PushConfig:
     settle_s: float = 3.0  # before a resync lists: two task counts this far apart must agree
     settle_timeout_s: float = 300.0  # ... within this long, or the push stops (run it again later)
     max_relations: int | None = MAX_RELATIONS  # per image, the most confident first (None: all)
+    calibration: object | None = None  # a pipeline.calibrate.Calibration: scores become calibrated probabilities
 
     def __post_init__(self):
         if self.max_relations is not None and self.max_relations < 0:
@@ -356,7 +357,8 @@ class _Sender:
                     self.changed.add(key)
                     self.report.image_changed.append((key, task.id))
                 try:
-                    pred = _prediction(row_to_result(row, self.spec, self.cfg.max_relations), version)
+                    pred = _prediction(row_to_result(row, self.spec, self.cfg.max_relations, self.cfg.calibration),
+                                       version)
                 except TaskError as e:
                     self._reject(e)
                     _advance(bar, 1)
@@ -478,7 +480,8 @@ def _image_urls(rows: list[dict], images: ImageRefs, reject, client: LabelStudio
 # Task files: the same tasks, for a storage sync ---------------------------------------------------
 
 def write_task_files(rows, folder: str | Path, images: ImageRefs, model_version: str | None = None,
-                     chunk_size: int = 500, max_relations: int | None = MAX_RELATIONS) -> PushReport:
+                     chunk_size: int = 500, max_relations: int | None = MAX_RELATIONS,
+                     calibration=None) -> PushReport:
     """Write the tasks a push would create (data, key, image sha256 and one prediction each) as
     JSON files of ``chunk_size`` tasks (``tasks-000001.json``, ...) plus ``labeling-config.xml``,
     for a Label Studio cloud or local storage sync (import method "Tasks", ``.json`` files). Needs
@@ -508,7 +511,7 @@ def write_task_files(rows, folder: str | Path, images: ImageRefs, model_version:
             if row.get("status") != "ok":
                 continue
             try:
-                pred = _prediction(row_to_result(row, scan.spec, max_relations), report.model_version)
+                pred = _prediction(row_to_result(row, scan.spec, max_relations, calibration), report.model_version)
             except TaskError as e:
                 reject(e)
                 continue

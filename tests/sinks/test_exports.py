@@ -144,3 +144,35 @@ def test_the_export_command(output, capsys):
     assert main(["export", str(output), "--min-probability", "colour=0.5"]) == 2
     assert "unknown kind 'colour'" in capsys.readouterr().err
     assert main(["export", str(output / "nothing")]) == 2
+
+
+def test_a_push_with_a_calibration_scores_each_item_and_the_whole_prediction(output, tmp_path):
+    """Constant calibrators (one probability per kind) make the wiring exact: each box, caption and
+    choice pushed carries its kind's probability, the prediction the product over its items."""
+    from jobs.cli import main
+    from pipeline.calibrate import FEATURES, Calibration, KindCalibrator
+
+    wanted = {"region": 0.9, "caption": 0.8, "color": 0.7, "shape": 0.6, "material": 0.95, "relation": 0.5}
+    kinds = {k: KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES),
+                               math.log(p / (1 - p))) for k, p in wanted.items()}
+    path = Calibration(kinds).save(tmp_path / "calibration.json")
+    folder = tmp_path / "tasks"
+    assert main(["push", str(output), "--task-files", str(folder), "--calibration", str(path),
+                 "--document-root", "/", "--max-relations", "2"]) == 0
+    tasks = [t for f in sorted(folder.glob("tasks-*.json")) for t in json.loads(f.read_text())]
+    assert len(tasks) == 6
+    checked = 0
+    for task in tasks:
+        (pred,) = task["predictions"]
+        product = 1.0
+        for item in pred["result"]:
+            if item["type"] == "relation":
+                product *= wanted["relation"]
+                continue
+            kind = item["from_name"]
+            if kind in wanted:
+                assert item["score"] == pytest.approx(wanted[kind]), item
+                product *= wanted[kind]
+                checked += 1
+        assert pred["score"] == pytest.approx(product)
+    assert checked > 20
