@@ -73,6 +73,10 @@ def job_fingerprints(cfg: JobConfig) -> dict:
     # what changes the answers: the weights and the pipeline's settings (not where the job ran)
     answering = {k: config[k] for k in ("compose", "engine", "postprocess", "max_pixels")}
     answering["model"] = {k: config["model"][k] for k in ("spec", "dtype")}
+    if cfg.calibration:  # its probabilities are in the rows (outputs without one keep their fingerprint)
+        from .fingerprint import path_fingerprint
+
+        answering["calibration"] = path_fingerprint(cfg.calibration)
     return fingerprints(prov.model, cfg.model.spec, prov.detector.split(":", 1)[-1], cfg.detector.spec, answering)
 
 

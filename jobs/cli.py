@@ -332,7 +332,7 @@ FLAG_KEYS = (
     ("compose.captions", "captions"), ("compose.attributes", "attributes"), ("compose.max_pairs", "max_pairs"),
     ("rows_per_part", "rows_per_part"), ("runner.mode", "runner"), ("runner.address", "address"),
     ("runner.describe_actors", "describe_actors"), ("runner.detect_actors", "detect_actors"),
-    ("runner.gpus_per_describe_actor", "gpus_per_actor"),
+    ("runner.gpus_per_describe_actor", "gpus_per_actor"), ("calibration", "calibration"),
 )
 
 
@@ -347,7 +347,7 @@ def job_overrides(args) -> dict:
             value = [n.strip() for n in value.split(",") if n.strip()]
         elif dest == "duplicate_iou" and value == OFF:
             value = None
-        elif dest == "out":
+        elif dest in ("out", "calibration"):
             value = str(value)
         *parents, last = path.split(".")
         node = out

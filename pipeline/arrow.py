@@ -5,10 +5,13 @@
 the Ray job's stages pass the same tables between actors, with the decoded pixels in two extra
 columns (``pixels``, ``pixel_shape``) while an image is between stages.
 
-Schema ``roiscribe/1`` (plain Arrow types: lists of structs, no extension types, so pandas,
+Schema ``roiscribe/2`` (plain Arrow types: lists of structs, no extension types, so pandas,
 DuckDB, Polars and HF datasets read it without custom code). Boxes are ``[x1, y1, x2, y2]`` in
 pixels of the original (EXIF-rotated) image, and normalised by width and height. Log-probs are
-the mean and min token log-prob of the answer (higher is more confident).
+the mean and min token log-prob of the answer (higher is more confident); ``probability`` the
+calibrated probability of being right (``pipeline.calibrate``; null without a calibration).
+``roiscribe/2`` added the ``probability`` fields: a ``roiscribe/1`` part read with ``schema=SCHEMA``
+has them null.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import pyarrow as pa
 
 from .records import OK, Answer, DecodedImage, ImageResult, Regions, RelationAnswer
 
-SCHEMA_VERSION = "roiscribe/1"
+SCHEMA_VERSION = "roiscribe/2"
 IN_PROCESS = "in-process"
 
 ANSWER = pa.struct([
     ("name", pa.string()), ("value", pa.string()), ("raw", pa.string()), ("status", pa.string()),
-    ("mean_logprob", pa.float32()), ("min_logprob", pa.float32()),
+    ("mean_logprob", pa.float32()), ("min_logprob", pa.float32()), ("probability", pa.float32()),
 ])
 REGION = pa.struct([
     ("region_id", pa.int32()),
@@ -36,6 +39,7 @@ REGION = pa.struct([
     ("label", pa.string()),
     ("class_id", pa.int64()),
     ("score", pa.float32()),
+    ("probability", pa.float32()),  # calibrated: a real object of its class (null without a calibration)
     ("caption", pa.string()),
     ("caption_mean_logprob", pa.float32()),
     ("caption_min_logprob", pa.float32()),
@@ -44,6 +48,7 @@ REGION = pa.struct([
 RELATION = pa.struct([
     ("subject", pa.int32()), ("predicate", pa.string()), ("object", pa.int32()), ("raw", pa.string()),
     ("status", pa.string()), ("mean_logprob", pa.float32()), ("min_logprob", pa.float32()),
+    ("probability", pa.float32()),
 ])
 TIMINGS = pa.struct([("decode_s", pa.float64()), ("detect_s", pa.float64()), ("describe_s", pa.float64())])
 SCHEMA = pa.schema([
@@ -107,14 +112,17 @@ def result_to_row(result: ImageResult, provenance: Provenance = Provenance(), pr
         regions.append({
             "region_id": i, "box": [x1, y1, x2, y2], "box_norm": [x1 / w, y1 / h, x2 / w, y2 / h],
             "label": r.class_names[i], "class_id": int(r.class_ids[i]), "score": float(r.scores[i]),
+            "probability": result.region_probabilities[i] if i < len(result.region_probabilities) else None,
             "caption": caption.value if caption else None,
             "caption_mean_logprob": caption.mean_logprob if caption else None,
             "caption_min_logprob": caption.min_logprob if caption else None,
             "answers": [{"name": name, "value": a.value, "raw": a.raw, "status": a.status,
-                         "mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob} for name, a in answers.items()],
+                         "mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "probability": a.probability}
+                        for name, a in answers.items()],
         })
     relations = [{"subject": rel.subject, "predicate": rel.predicate, "object": rel.object, "raw": rel.raw,
-                  "status": rel.status, "mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob}
+                  "status": rel.status, "mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob,
+                  "probability": rel.probability}
                  for rel in (result.relations if ok else [])]
     return {
         "image_id": result.image_id, "uri": result.uri, "width": result.width, "height": result.height,
@@ -133,13 +141,16 @@ def row_to_result(row: dict) -> ImageResult:
     boxes = np.array([g["box"] for g in regions], np.float32).reshape(-1, 4)
     found = Regions(boxes, [g["score"] for g in regions], [g["class_id"] for g in regions],
                     [g["label"] for g in regions], row.get("detector") or "", json.loads(row.get("dropped") or "{}"))
-    answers = [{a["name"]: Answer(a["value"], a["raw"], a["status"], a["mean_logprob"], a["min_logprob"])
-                for a in g["answers"] or []} for g in regions]
+    answers = [{a["name"]: Answer(a["value"], a["raw"], a["status"], a["mean_logprob"], a["min_logprob"],
+                                  a.get("probability")) for a in g["answers"] or []} for g in regions]
     relations = [RelationAnswer(x["subject"], x["predicate"], x["object"], x["raw"], x["status"],
-                                x["mean_logprob"], x["min_logprob"]) for x in row.get("relations") or []]
+                                x["mean_logprob"], x["min_logprob"], x.get("probability"))
+                 for x in row.get("relations") or []]
     timings = {s: t for s in _STAGES if (t := (row.get("timings") or {}).get(f"{s}_s")) is not None}
     result = ImageResult(row["image_id"], row["uri"], row["status"], row["error"] or "", row["width"] or 0,
                          row["height"] or 0, found, answers, relations, timings)
+    if any(g.get("probability") is not None for g in regions):
+        result.region_probabilities = [g.get("probability") for g in regions]
     if row.get("pixels") is not None:
         array = np.frombuffer(row["pixels"], np.uint8).reshape(row["pixel_shape"]).copy()  # writable, owned
         result.image = DecodedImage(result.image_id, result.uri, array)

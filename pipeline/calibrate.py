@@ -34,6 +34,7 @@ Metrics: ECE (expected calibration error, 10 equal-width bins, weighted by bin s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -439,3 +440,32 @@ def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout
                            "signals_auroc": signal_report(check), "how": how}
     calibration.fitted_on = {"images": len(truths), "answers": len(fit)}
     return calibration
+
+
+# Applying a calibration to results ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def load_calibration(path: str) -> Calibration:
+    """``Calibration.load``, once per path in a process (every batch of a job asks)."""
+    return Calibration.load(path)
+
+
+def apply(result, calibration: Calibration) -> None:
+    """Set the calibrated probability of every answer, relation and region of an ``ok``
+    ``ImageResult`` (None for a kind the calibration has no calibrator for, or an unparsed answer)."""
+    import dataclasses
+
+    if not result.ok:
+        return
+    result.region_probabilities = []
+    for r in range(len(result.regions)):
+        signals = region_signals(result, r)
+        result.region_probabilities.append(calibration.probability("region", signals["region"]))
+        answers = result.answers[r] if r < len(result.answers) else {}
+        for name, answer in answers.items():
+            p = calibration.probability(name, signals[name]) if name in signals and answer.value is not None else None
+            answers[name] = dataclasses.replace(answer, probability=p)
+    result.relations = [
+        dataclasses.replace(rel, probability=calibration.probability("relation", relation_signals(result, rel))
+                            if rel.predicate is not None else None)
+        for rel in result.relations]

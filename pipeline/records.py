@@ -109,6 +109,7 @@ class Answer:
     status: str
     mean_logprob: float
     min_logprob: float
+    probability: float | None = None  # calibrated probability of being right (``pipeline.calibrate``), if any
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class RelationAnswer:
     status: str
     mean_logprob: float
     min_logprob: float
+    probability: float | None = None
 
 
 @dataclass
@@ -138,6 +140,7 @@ class ImageResult:
     answers: list[dict[str, Answer]] = field(default_factory=list)  # per region: field -> answer
     relations: list[RelationAnswer] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (batch stages amortised)
+    region_probabilities: list[float | None] = field(default_factory=list)  # calibrated: a real object of its class
     image: DecodedImage | None = None
 
     @property

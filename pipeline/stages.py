@@ -34,6 +34,7 @@ class PipelineConfig:
     batch_size: int = 8  # images per detect / describe batch
     max_pixels: int = DEFAULT_MAX_PIXELS  # decoded size limit (decompression bombs)
     max_bytes: int = DEFAULT_MAX_BYTES  # file size limit, checked before a file is read
+    calibration: str | None = None  # a `roiscribe calibrate` file: every answer gets its probability of being right
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_pixels", "max_bytes"):
@@ -80,6 +81,9 @@ def describe_stage(results: list[ImageResult], engine, config: PipelineConfig) -
     (``model.engine.RegionEngine``) once for the batch, parse. Drops the pixels afterwards."""
     from model.engine import ImageJob, RegionPrompt
 
+    from .calibrate import apply as apply_calibration
+    from .calibrate import load_calibration
+
     def run(batch: list[ImageResult]) -> None:
         t = time.perf_counter()
         plans = [compose(r.regions, config.compose) for r in batch]
@@ -87,8 +91,11 @@ def describe_stage(results: list[ImageResult], engine, config: PipelineConfig) -
                          [RegionPrompt(ins.question, ins.regions, ins.max_new_tokens) for ins in plan])
                 for r, plan in zip(batch, plans)]
         generations = engine.run(jobs)
+        calibration = load_calibration(config.calibration) if config.calibration else None
         for result, plan, gens in zip(batch, plans, generations):
             fill_answers(result, plan, gens)
+            if calibration is not None:
+                apply_calibration(result, calibration)
         for result in batch:
             result.timings["describe"] = (time.perf_counter() - t) / len(batch)
 

@@ -17,8 +17,9 @@ part at a time) and writes ``OUT/exports/``:
   rejected (accepted + rejected = proposed), with the rejections by reason.
 
 Probabilities come from a :class:`~pipeline.calibrate.Calibration` when one is given (the
-probability of being right, fitted on labelled data), else from the uncalibrated confidence
-(``exp(mean token log-prob)``; a region: its detector score), which the manifest says.
+probability of being right, fitted on labelled data), else from the rows' own ``probability``
+columns (a job run with a calibration), else from the uncalibrated confidence (``exp(mean token
+log-prob)``; a region: its detector score).
 
 The policy (:class:`Policy`): a region is kept when its probability reaches the threshold of
 ``region``, its area the minimum, and it is among the ``max_per_image`` most probable regions of
@@ -85,12 +86,14 @@ def _reason_key(reason: str) -> str:
 
 # Decisions for one row -------------------------------------------------------------------------------
 
-def _probability(calibration, kind: str, features: dict, baseline: float) -> float:
+def _probability(calibration, kind: str, features: dict, stored: float | None, baseline: float) -> float:
+    """The calibration's probability when one is given; else the probability the row holds (the
+    job's calibration); else the uncalibrated confidence."""
     if calibration is not None:
-        p = calibration.probability("region" if kind == "region" else kind, features)
+        p = calibration.probability(kind, features)
         if p is not None:
             return p
-    return baseline
+    return stored if stored is not None else baseline
 
 
 def decide(row: dict, policy: Policy, calibration=None) -> dict:
@@ -105,14 +108,16 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
     for r in range(len(result.regions)):
         signals = region_signals(result, r)
         x1, y1, x2, y2 = (float(v) for v in result.regions.boxes[r])
-        region_p = _probability(calibration, "region", signals["region"], float(result.regions.scores[r]))
+        stored = result.region_probabilities[r] if r < len(result.region_probabilities) else None
+        region_p = _probability(calibration, "region", signals["region"], stored, float(result.regions.scores[r]))
         answers = {}
         for name, answer in (result.answers[r] if r < len(result.answers) else {}).items():
             if answer.value is None:
                 answers[name] = {"value": None, "probability": None, "reason": f"unparsed: {answer.raw!r}"}
                 continue
             baseline = math.exp(min(answer.mean_logprob, 0.0))
-            p = _probability(calibration, name, signals[name], baseline) if name in signals else baseline
+            p = (_probability(calibration, name, signals[name], answer.probability, baseline) if name in signals
+                 else answer.probability if answer.probability is not None else baseline)
             answers[name] = {"value": answer.value, "probability": p, "reason": None}
         regions.append({"region_id": r, "label": result.regions.class_names[r],
                         "class_id": int(result.regions.class_ids[r]), "box": [x1, y1, x2, y2],
@@ -131,7 +136,8 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
             relations.append({"subject": rel.subject, "object": rel.object, "predicate": None, "probability": None,
                               "reason": f"unparsed: {rel.raw!r}"})
             continue
-        p = _probability(calibration, "relation", relation_signals(result, rel), math.exp(min(rel.mean_logprob, 0.0)))
+        p = _probability(calibration, "relation", relation_signals(result, rel), rel.probability,
+                         math.exp(min(rel.mean_logprob, 0.0)))
         reason = None
         if regions[rel.subject]["reason"] is not None or regions[rel.object]["reason"] is not None:
             reason = "region-rejected"
@@ -203,7 +209,8 @@ def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibra
 
     extra = {"policy": asdict(policy), "calibration": calibration_path,
              "probability": "calibrated" if calibration is not None else
-                            "uncalibrated: exp(mean token log-prob); regions: detector score"}
+                            "the rows' calibrated probabilities where they have them, else uncalibrated: "
+                            "exp(mean token log-prob); regions: detector score"}
     return write_exports(Path(out) / "exports", decisions(), policy.val_fraction, extra, skipped)
 
 

@@ -73,8 +73,8 @@ def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None,
     first, become Label Studio relations, and the same ones the image's read-only relation list
     when the config has it (``ConfigSpec.relation_list``).
 
-    With a ``calibration`` (``pipeline.calibrate.Calibration``) every score is a calibrated
-    probability of being right instead: a box's that it is a real object of its class, a caption's
+    With a ``calibration`` (``pipeline.calibrate.Calibration``), or for a row a calibrated job
+    wrote (its ``probability`` columns), every score is a calibrated probability of being right: a box's that it is a real object of its class, a caption's
     and a choice's that the answer is right, and the prediction's that the whole pre-annotation is
     right (the product over its boxes, captions, choices and relations), so that sorting tasks by
     prediction score in Label Studio puts the ones that most need a person first."""
@@ -89,9 +89,14 @@ def row_to_result(row: dict, spec: ConfigSpec, max_relations: int | None = None,
         if region.get("score") is not None:
             scores.append(float(region["score"]))
     result += _relation_results(key, row.get("relations") or [], labels, spec, max_relations)
-    if calibration is not None:
+    if calibration is not None or _holds_probabilities(row):
         return _calibrated(row, result, calibration)
     return result, (sum(scores) / len(scores) if scores else None)
+
+
+def _holds_probabilities(row: dict) -> bool:
+    """Whether the row was written by a job run with a calibration (its regions have probabilities)."""
+    return any(g.get("probability") is not None for g in row.get("regions") or [])
 
 
 def _calibrated(row: dict, result: list[dict], calibration) -> tuple[list[dict], float]:

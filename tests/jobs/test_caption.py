@@ -95,7 +95,7 @@ def test_ray_rows_equal_in_process_rows_and_annotate(ray_local, coco_world, tmp_
     assert a["99"]["status"] == "error" and a["99"]["error"].startswith("decode: ")
     assert all(a[str(k)]["num_regions"] > 0 for k in range(6))
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["schema"] == "roiscribe/1" and manifest["counts"] == {"ok": 6, "error": 1}
+    assert manifest["schema"] == "roiscribe/2" and manifest["counts"] == {"ok": 6, "error": 1}
     config = manifest["config"]
     assert config["model"] == {"spec": "random:tiny", "clip": None, "device": "cpu", "dtype": "float32"}
     assert config["engine"]["max_new_tokens"] == 3 and config["engine"]["max_prompts"] == 256

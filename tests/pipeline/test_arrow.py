@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from pipeline.arrow import IN_FLIGHT, SCHEMA, Provenance, from_table, result_to_row, row_to_result, to_table
 from pipeline.records import Answer, DecodedImage, ImageResult, Regions, RelationAnswer
@@ -31,7 +32,7 @@ def test_row_conversion_is_exact():
     assert [a["name"] for a in r0["answers"]] == ["caption", "color"]
     assert row["regions"][1]["caption"] is None
     assert row["relations"] == [{"subject": 0, "predicate": "left of", "object": 1, "raw": "region1 is left of region2",
-                                 "status": "ok", "mean_logprob": -0.2, "min_logprob": -0.4}]
+                                 "status": "ok", "mean_logprob": -0.2, "min_logprob": -0.4, "probability": None}]
     assert json.loads(row["dropped"]) == {"low_score": 2}
     assert (row["detector"], row["model"], row["processed_by"]) == ("yolo:demo/detector.pt", "demo/gpt4roi", "in-process")
     assert row["timings"] == {"decode_s": 0.01, "detect_s": 0.02, "describe_s": 0.3}
@@ -78,3 +79,37 @@ def test_row_to_result_reads_a_row_written_by_the_sink(tmp_path):
         sink.write(to_table([ok_result("x")], PROV))
     (row,) = read_rows(tmp_path).to_pylist()
     assert row_to_result(row).answers[0]["caption"].value == "a red star"
+
+
+def _without_probability(t: pa.DataType) -> pa.DataType:
+    """The same type with every struct field named ``probability`` removed (schema roiscribe/1)."""
+    if pa.types.is_list(t):
+        return pa.list_(_without_probability(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _without_probability(f.type)) for f in t if f.name != "probability"])
+    return t
+
+
+def test_a_part_written_as_schema_1_reads_as_schema_2(tmp_path):
+    """Outputs written before ``probability`` existed stay readable: read with ``schema=SCHEMA``,
+    the new fields are null and everything else is as written."""
+    import pyarrow.parquet as pq
+
+    old_schema = pa.schema([pa.field(f.name, _without_probability(f.type)) for f in SCHEMA])
+    assert "probability" not in str(old_schema) and "probability" in str(SCHEMA)
+    rows = [result_to_row(ok_result("a"), PROV)]
+    for g in rows[0]["regions"]:
+        del g["probability"]
+        for a in g["answers"]:
+            del a["probability"]
+    for x in rows[0]["relations"]:
+        del x["probability"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=old_schema), tmp_path / "old.parquet")
+    table = pq.read_table(tmp_path / "old.parquet", schema=SCHEMA)
+    (result,) = from_table(table)
+    color, rel = result.answers[0]["color"], result.relations[0]
+    assert (color.value, color.raw, color.status, color.probability) == ("red", "red", "ok", None)
+    assert color.mean_logprob == pytest.approx(-0.05)
+    assert (rel.subject, rel.predicate, rel.object, rel.probability) == (0, "left of", 1, None)
+    assert result.region_probabilities == []
+    assert table.to_pylist()[0]["regions"][0]["probability"] is None

@@ -176,3 +176,44 @@ def test_a_push_with_a_calibration_scores_each_item_and_the_whole_prediction(out
                 checked += 1
         assert pred["score"] == pytest.approx(product)
     assert checked > 20
+
+
+def test_a_job_run_with_a_calibration_writes_probabilities_that_export_and_push_use(output, tmp_path):
+    """``caption --calibration``: every region, answer and relation row gets its probability (the
+    Parquet columns); ``export`` and ``push`` then use them without being given the file."""
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main
+    from pipeline.calibrate import FEATURES, Calibration, KindCalibrator
+    from sinks.parquet import part_files
+
+    wanted = {"region": 0.9, "caption": 0.8, "color": 0.7, "shape": 0.6, "material": 0.95, "relation": 0.5}
+    kinds = {k: KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES),
+                               math.log(p / (1 - p))) for k, p in wanted.items()}
+    path = Calibration(kinds).save(tmp_path / "calibration.json")
+    images = Path(json.loads((output / "manifest.json").read_text())["config"]["source"])
+    out = tmp_path / "calibrated"
+    assert main(["caption", str(images), "--out", str(out), "--no-ray", "--max-pairs", "2",
+                 "--calibration", str(path)]) == 0
+    rows = [r for part in part_files(out) for r in pq.read_table(part).to_pylist()]
+    regions = [g for r in rows for g in r["regions"]]
+    assert regions and all(g["probability"] == pytest.approx(0.9) for g in regions)
+    answers = [a for g in regions for a in g["answers"] if a["value"] is not None]
+    assert all(a["probability"] == pytest.approx(wanted[a["name"]]) for a in answers if a["name"] in wanted)
+    assert all(a["probability"] is None for a in answers if a["name"] not in wanted)  # no calibrator: none
+    relations = [x for r in rows for x in r["relations"] if x["predicate"]]
+    assert relations and all(x["probability"] == pytest.approx(0.5) for x in relations)
+    # export without --calibration uses the rows' probabilities: a 0.85 caption threshold rejects every caption
+    manifest = export(out, Policy(min_probability={"caption": 0.85}))
+    assert manifest["counts"]["caption"]["accepted"] == 0 and manifest["counts"]["region"]["accepted"] == len(regions)
+    folder = tmp_path / "tasks"
+    assert main(["push", str(out), "--task-files", str(folder), "--document-root", "/"]) == 0
+    scores = [i["score"] for f in folder.glob("tasks-*.json") for t in json.loads(f.read_text())
+              for i in t["predictions"][0]["result"] if i.get("from_name") == "region"]
+    assert scores and all(s == pytest.approx(0.9) for s in scores)
+    # another calibration would mix two kinds of probabilities in one output: a resume refuses it
+    kinds["region"] = KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
+                                     [0.0] * len(FEATURES), 0.0)
+    other = Calibration(kinds).save(tmp_path / "other.json")
+    assert main(["caption", str(images), "--out", str(out), "--no-ray", "--max-pairs", "2", "--resume",
+                 "--calibration", str(other)]) == 2

@@ -21,7 +21,7 @@ def test_written_parts_read_back_with_pandas_pyarrow_polars_duckdb(tmp_path):
     assert len(part_files(tmp_path)) == 2 and not list((tmp_path / "data").glob(".*tmp"))
     table = read_rows(tmp_path)
     assert table.schema.equals(SCHEMA, check_metadata=False) and table.num_rows == 6
-    assert pq.read_schema(part_files(tmp_path)[0]).metadata[b"roiscribe.schema"] == b"roiscribe/1"
+    assert pq.read_schema(part_files(tmp_path)[0]).metadata[b"roiscribe.schema"] == b"roiscribe/2"
     import pandas as pd
 
     df = pd.read_parquet(tmp_path / "data")
