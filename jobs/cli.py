@@ -38,6 +38,19 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
                    help="read retries (exponential backoff from 1 s) while the server is unreachable")
 
 
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    """The pseudo-label policy (``sinks.exports.Policy``) of ``export`` and ``pseudo-label``."""
+    p.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
+                   help="threshold per kind (region, caption, color, shape, material, action, relation; "
+                        "default 0.5 each); repeat for several, e.g. --min-probability relation=0.8")
+    p.add_argument("--min-area", type=float, default=0.0, help="smallest box kept, in pixels (default 0)")
+    p.add_argument("--max-per-image", type=int, default=None, help="regions kept per image, the most "
+                                                                   "probable first (default: all)")
+    p.add_argument("--max-per-class", type=int, default=None, help="regions kept per class and image")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="images of the YOLO export kept for "
+                                                                   "validation (default 0.1)")
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -245,17 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            "training data (GPT4RoI conversations, YOLO, COCO) to DIR/exports")
     export.add_argument("out", type=Path, help="a caption job's output folder")
     export.add_argument("--calibration", type=Path, default=None,
-                        help="a `roiscribe calibrate` file: filter on calibrated probabilities (default: the "
-                             "uncalibrated confidence, exp(mean token log-prob); regions: the detector score)")
-    export.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
-                        help="threshold per kind (region, caption, color, shape, material, action, relation; "
-                             "default 0.5 each); repeat for several, e.g. --min-probability relation=0.8")
-    export.add_argument("--min-area", type=float, default=0.0, help="smallest box kept, in pixels (default 0)")
-    export.add_argument("--max-per-image", type=int, default=None, help="regions kept per image, the most "
-                                                                        "probable first (default: all)")
-    export.add_argument("--max-per-class", type=int, default=None, help="regions kept per class and image")
-    export.add_argument("--val-fraction", type=float, default=0.1, help="images of the YOLO export kept for "
-                                                                        "validation (default 0.1)")
+                        help="a `roiscribe calibrate` file: filter on calibrated probabilities (default: the rows' "
+                             "own, when the job ran with one; else the uncalibrated confidence, exp(mean token "
+                             "log-prob); regions: the detector score)")
+    _add_policy_args(export)
+
+    # caption's every flag (the same job: stages, runner, resume), then the export's policy
+    pseudo = sub.add_parser("pseudo-label", conflict_handler="resolve",
+                            help="caption SOURCE, then export its pseudo-labels by a policy (caption + export)")
+    pseudo._add_container_actions(caption)
+    _add_policy_args(pseudo)
 
     corrections = sub.add_parser("corrections", help="the annotations people made in a Label Studio project, as "
                                                      "training data (GPT4RoI conversations, YOLO, COCO) in DIR/exports")
@@ -647,10 +659,25 @@ def cmd_calibrate(args) -> int:
 
 def cmd_export(args) -> int:
     from pipeline.calibrate import Calibration
-    from sinks.exports import KINDS, Policy, export
 
     if not (args.out / "data").is_dir():
         raise UsageError(f"{args.out} holds no caption output (no {args.out / 'data'})")
+    calibration = Calibration.load(args.calibration) if args.calibration else None
+    return _export(args.out, args, calibration, str(args.calibration) if args.calibration else None)
+
+
+def cmd_pseudo_label(args) -> int:
+    """``caption`` (every flag of it), then ``export`` with the policy flags; with ``--calibration``
+    the rows carry calibrated probabilities, which the export filters on."""
+    rc = cmd_caption(args)
+    if rc != 0 or getattr(args, "dry_run", False):
+        return rc
+    return _export(Path(job_config(args).out), args, None, None)
+
+
+def _export(out: Path, args, calibration, calibration_path: str | None) -> int:
+    from sinks.exports import KINDS, Policy, export
+
     thresholds = dict(Policy().min_probability)
     for item in args.min_probability:
         kind, _, value = item.partition("=")
@@ -662,9 +689,8 @@ def cmd_export(args) -> int:
         except ValueError:
             raise UsageError(f"--min-probability {item}: expected KIND=P with P a number in [0, 1]") from None
     policy = Policy(thresholds, args.min_area, args.max_per_image, args.max_per_class, args.val_fraction)
-    calibration = Calibration.load(args.calibration) if args.calibration else None
-    manifest = export(args.out, policy, calibration, str(args.calibration) if args.calibration else None)
-    print(f"exported {manifest['images_exported']} images to {args.out / 'exports'} ({manifest['probability']})")
+    manifest = export(out, policy, calibration, calibration_path)
+    print(f"exported {manifest['images_exported']} images to {out / 'exports'} ({manifest['probability']})")
     for kind in (*KINDS, "action"):
         c = manifest["counts"].get(kind)
         if c:
@@ -687,7 +713,7 @@ def cmd_corrections(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export, "corrections": cmd_corrections, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
+COMMANDS = {"caption": cmd_caption, "show": cmd_show, "demo": cmd_demo, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "export": cmd_export, "pseudo-label": cmd_pseudo_label, "corrections": cmd_corrections, "describe": cmd_describe, "train": cmd_train, "world": cmd_world,
             "apply-delta": cmd_apply_delta, "push": cmd_push, "ml-backend": cmd_ml_backend,
             "pretrain": cmd_pretrain}
 

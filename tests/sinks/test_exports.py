@@ -211,6 +211,13 @@ def test_a_job_run_with_a_calibration_writes_probabilities_that_export_and_push_
     scores = [i["score"] for f in folder.glob("tasks-*.json") for t in json.loads(f.read_text())
               for i in t["predictions"][0]["result"] if i.get("from_name") == "region"]
     assert scores and all(s == pytest.approx(0.9) for s in scores)
+    # pseudo-label: the same caption job, then the export, in one command
+    labelled = tmp_path / "pseudo"
+    assert main(["pseudo-label", str(images), "--out", str(labelled), "--no-ray", "--max-pairs", "2",
+                 "--calibration", str(path), "--min-probability", "caption=0.85", "--max-per-image", "1"]) == 0
+    manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
+    assert manifest["counts"]["caption"]["accepted"] == 0 and manifest["counts"]["region"]["accepted"] == 6
+    assert manifest["counts"]["region"]["proposed"] == len(regions)
     # another calibration would mix two kinds of probabilities in one output: a resume refuses it
     kinds["region"] = KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
                                      [0.0] * len(FEATURES), 0.0)
