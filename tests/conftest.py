@@ -71,3 +71,23 @@ def ls_token(ls_server, monkeypatch):
 
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
     return TOKEN
+
+
+def gradient_norms_and_lrs(run) -> tuple[list[float], list[float]]:
+    """What every optimizer step is given while ``run()`` trains, seen from a global optimizer
+    step pre-hook: the global norm of the gradients, and the learning rate of the first group."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append((float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
+                     optimizer.param_groups[0]["lr"]))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return [n for n, _ in seen], [lr for _, lr in seen]

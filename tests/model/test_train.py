@@ -162,28 +162,14 @@ def test_the_same_loop_runs_ddp_on_ray_train(world, tmp_path):
 def test_each_step_clips_the_gradient_norm_and_follows_the_schedule(world, tmp_path):
     """Seen from the optimizer (a global step pre-hook): the gradient it is given never has a norm
     above ``grad_clip``, although unclipped it would, and its LR is warmup + cosine at every step."""
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
     from model.loop import warmup_cosine
-
-    seen = []
-
-    def before_step(optimizer, args, kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        seen.append((float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))),
-                     optimizer.param_groups[0]["lr"]))
+    from tests.conftest import gradient_norms_and_lrs
 
     def norms_and_lrs(grad_clip):
-        seen.clear()
         cfg = TrainConfig(data=[str(world / "conversations.jsonl")], out=str(tmp_path / f"clip{grad_clip}"),
                           init="random:tiny", max_steps=4, warmup_steps=2, batch_size=2, max_turns=2, lr=1e-3,
                           grad_clip=grad_clip)
-        handle = register_optimizer_step_pre_hook(before_step)
-        try:
-            train(cfg, progress=False)
-        finally:
-            handle.remove()
-        return [n for n, _ in seen], [lr for _, lr in seen]
+        return gradient_norms_and_lrs(lambda: train(cfg, progress=False))
 
     unclipped, lrs = norms_and_lrs(1e9)
     assert len(unclipped) == 4 and min(unclipped) > 0.05
