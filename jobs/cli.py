@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-bytes", type=int, default=None,
                          help="refuse image files larger than this many bytes (default 268435456)")
     caption.add_argument("--retry-failed", action="store_true", help="reprocess images whose rows are errors")
+    caption.add_argument("--dry-run", action="store_true",
+                         help="plan only: count the source's images already done, failed and to do (with --resume "
+                              "or --retry-failed as the job would run), write nothing")
     caption.add_argument("--runner", choices=("auto", "ray", "local"), default=None,
                          help="auto (the default): in process for a small job with no cluster address, else Ray")
     caption.add_argument("--no-ray", action="store_const", const="local", dest="runner", help="same as --runner local")
@@ -403,7 +406,14 @@ def cmd_caption(args) -> int:
     if push_url and not args.project:
         raise SourceError("--to-label-studio needs --project")
     summary = run_caption(cfg, source, resume=args.resume or args.force_resume, retry_failed=args.retry_failed,
-                          force_resume=args.force_resume)
+                          force_resume=args.force_resume, dry_run=args.dry_run)
+    if summary.dry_run:
+        failed = ("redone: counted in to do" if args.retry_failed else
+                  "kept: counted in already done; --retry-failed redoes them")
+        print(f"dry run: {summary.total} images in the source; {summary.skipped} already done, "
+              f"{summary.processed} to do; {summary.failed} have error rows ({failed}); "
+              f"{summary.runner_reason}; nothing written")
+        return 0
     for part in summary.set_aside:
         print(f"roiscribe caption: set aside an unreadable part file (its images were redone): {part}", file=sys.stderr)
     if summary.duplicates_removed:

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from jobs.caption import ResourceError, check_resources, choose_runner, run_caption
-from jobs.config import JobConfig, ModelSpec, RunnerConfig
+from jobs.config import DetectorSpec, JobConfig, ModelSpec, RunnerConfig
 from jobs.sources import open_source
 from model.config import EngineConfig
 from pipeline.compose import ComposeConfig
@@ -115,21 +116,29 @@ def test_a_killed_describe_actor_does_not_lose_or_double_images(ray_local, coco_
                 pids.append(p.info["pid"])
         return pids
 
+    finished = threading.Event()
+
     def kill_describe_actor():
-        for _ in range(3000):
+        while not finished.is_set():
             pids = describe_actor_pids()
             if pids:
                 time.sleep(3.0)  # let it load its model and start on a batch
-                os.kill(pids[0], signal.SIGKILL)
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                except ProcessLookupError:  # gone meanwhile: look again
+                    continue
                 killed.append(pids[0])
                 return
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_describe_actor)
     killer.start()
-    summary = run_caption(job(coco_world, tmp_path / "out", "ray", batch_size=1), open_source(str(coco_world)),
-                          progress=False)
-    killer.join()
+    try:
+        summary = run_caption(job(coco_world, tmp_path / "out", "ray", batch_size=1), open_source(str(coco_world)),
+                              progress=False)
+    finally:
+        finished.set()
+        killer.join()
     assert killed, "the test never found the describe actor to kill"
     assert summary.counts == {"ok": 6, "error": 1}
     assert len(rows_by_id(tmp_path / "out")) == 7
@@ -246,3 +255,97 @@ def test_retry_failed_replaces_error_rows(coco_world, tmp_path):
     assert (again.processed, again.skipped, again.counts) == (1, 6, {"ok": 1})
     rows = rows_by_id(tmp_path / "out")
     assert len(rows) == 7 and rows["99"]["status"] == "ok"
+
+
+def _manifest(coco_world, path):
+    """A CSV manifest of the COCO world's images (ids as the COCO file gives them)."""
+    images = json.loads(coco_world.read_text())["images"]
+    path.write_text("image_id,uri\n" + "".join(f"{im['id']},{coco_world.parent / im['file_name']}\n" for im in images))
+    return path
+
+
+def test_a_manifest_on_ray_written_by_the_workers_resumed_and_planned(ray_local, coco_world, tmp_path):
+    """A manifest read by Ray Data in the workers and parts committed by the workers give the rows
+    the in-process runner gives; each part carries its commit record and the manifest's counts are
+    their sum. An output missing a part is planned (--dry-run: nothing written) and resumed on Ray:
+    only the missing images are done, and each image ends up once."""
+    from sinks.parquet import part_files, read_commit
+
+    manifest = _manifest(coco_world, tmp_path / "m.csv")
+    source = open_source(str(manifest), root=coco_world.parent)
+    local = run_caption(job(manifest, tmp_path / "a", detector=DetectorSpec("given"), rows_per_part=2), source,
+                        progress=False)
+    cfg = job(manifest, tmp_path / "b", "ray", detector=DetectorSpec("given"), rows_per_part=2)
+    on_ray = run_caption(cfg, source, progress=False)
+    assert local.counts == on_ray.counts == {"ok": 6, "error": 1} and on_ray.processed == 7
+    same_rows(rows_by_id(tmp_path / "a"), rows_by_id(tmp_path / "b"))
+    records = [read_commit(p) for p in part_files(tmp_path / "b")]
+    assert sum(r["rows"] for r in records) == 7 and all(r["written_by"] for r in records)
+    manifest_json = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest_json["rows"] == 7 and manifest_json["counts"] == {"ok": 6, "error": 1}
+
+    lost = part_files(tmp_path / "b")[0]
+    lost_rows = read_commit(lost)["rows"]
+    lost.unlink()  # as if the job had stopped before this part
+    before = sorted(p.name for p in (tmp_path / "b" / "data").iterdir())
+    for runner in ("local", "ray"):
+        plan = run_caption(replace(cfg, runner=RunnerConfig(mode=runner)), source, resume=True, dry_run=True,
+                           progress=False)
+        assert (plan.dry_run, plan.total, plan.skipped, plan.processed) == (True, 7, 7 - lost_rows, lost_rows)
+    assert sorted(p.name for p in (tmp_path / "b" / "data").iterdir()) == before
+    resumed = run_caption(cfg, source, resume=True, progress=False)
+    assert (resumed.processed, resumed.skipped) == (lost_rows, 7 - lost_rows)
+    same_rows(rows_by_id(tmp_path / "a"), rows_by_id(tmp_path / "b"))
+
+
+def test_images_that_kill_their_worker_become_error_rows(ray_local, tmp_path, monkeypatch):
+    """The driver's side of a worker-killing input on Ray. No input can crash a worker on demand
+    here, so one Ray Data execution (``RayRunner._pass``) is stood in for by one that plans with the
+    real ``plan_block`` against the real index and commits with the real ``commit_part``, but drops
+    every batch holding the poison image, as Ray Data does once a batch has killed its actor
+    ``max_task_retries + 1`` times (``max_errored_blocks = -1``). The rest is the real code: the lost
+    images are found by planning again against the output, retried one at a time, and the one that
+    still kills its worker becomes an error row that says why."""
+    import ray
+    from PIL import Image
+
+    import jobs.caption as caption
+    from pipeline.arrow import to_table
+    from pipeline.records import ImageResult
+    from sinks.parquet import commit_part, next_part_number
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(5):
+        Image.new("RGB", (8, 8)).save(folder / f"{k}.png")
+    poison = os.path.realpath(folder / "3.png")
+    passes = []
+
+    def one_pass(self, source, out, index, retry_failed, progress, cfg, dead, totals):
+        passes.append((cfg.batch_size, dead is not None))
+        index, tally, written = ray.get(index), caption.Tally(), 0
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        seq = next_part_number(out / "data")
+        for raw in source.reader.blocks():
+            todo, counts = caption.plan_block(raw, source.reader, index, retry_failed)
+            tally.add(counts)
+            for start in range(0, todo.num_rows, cfg.batch_size):
+                batch = todo.slice(start, cfg.batch_size)
+                if dead:
+                    rows = caption.lost_rows(batch, cfg, dead)
+                elif poison in batch.column("image_id").to_pylist():
+                    continue  # the batch's actor died every time: Ray Data drops the block
+                else:
+                    rows = to_table([ImageResult(r["image_id"], r["uri"], "ok") for r in batch.to_pylist()])
+                record = commit_part(out / "data", seq, rows)
+                progress.committed(record)
+                written += record["rows"]
+        return tally, written
+
+    monkeypatch.setattr(caption.RayRunner, "_pass", one_pass)
+    cfg = job(folder, tmp_path / "out", batch_size=2, runner=RunnerConfig(mode="ray", max_task_retries=2))
+    summary = run_caption(cfg, open_source(str(folder)), progress=False)
+    assert passes == [(2, False), (1, False), (1, True)]  # all; the lost batch (2.png, 3.png) alone; 3.png as error
+    rows = rows_by_id(tmp_path / "out")  # each exactly once
+    assert len(rows) == 5 and summary.counts == {"ok": 4, "error": 1} and summary.processed == 5
+    assert rows[poison]["status"] == "error" and "died 3 times" in rows[poison]["error"]

@@ -173,40 +173,6 @@ def test_given_boxes_people_drew_are_kept_as_drawn(tmp_path):
     assert detected.postprocess.nms_iou == 0.7
 
 
-def test_images_that_kill_their_worker_become_error_rows(tmp_path, monkeypatch):
-    """The driver's side of a worker-killing input on Ray. No input can crash a worker on demand
-    here, so Ray Data's behaviour once a batch has killed its actor max_task_retries + 1 times (the
-    block is dropped: ``max_errored_blocks = -1``) is stood in for by a pass that drops every batch
-    holding the poison image; the rest is the real code: the lost images are retried one at a time,
-    only the poison one is lost again, and it becomes an error row that says why."""
-    import pyarrow as pa
-
-    import jobs.caption as caption
-    from jobs.sources import SourceItem
-
-    items = [SourceItem(f"img{k}", f"/x/{k}.png") for k in range(5)]
-    passes = []
-
-    def fake_pass(todo, cfg):
-        passes.append((len(todo), cfg.batch_size))
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            if any(it.image_id == "img3" for it in batch):
-                continue  # the batch's actor died every time: Ray Data drops the block
-            yield pa.table({"image_id": [it.image_id for it in batch], "status": ["ok"] * len(batch)})
-
-    monkeypatch.setattr(caption, "_ray_pass", fake_pass)
-    monkeypatch.setattr("jobs.ray_cluster.connect", lambda address=None: None)
-    cfg = job("x", "y", batch_size=2, runner=RunnerConfig(mode="ray", max_task_retries=2))
-    tables = list(caption.rows_on_ray(items, cfg))
-    got = pa.concat_tables([t.select(["image_id", "status"]) for t in tables]).to_pylist()
-    assert sorted(r["image_id"] for r in got) == [f"img{k}" for k in range(5)]  # each exactly once
-    assert passes == [(5, 2), (2, 1)]  # the lost batch (img2, img3) retried one image at a time
-    (dead,) = [r for r in tables[-1].to_pylist()]
-    assert dead["image_id"] == "img3" and dead["status"] == "error" and "died 3 times" in dead["error"]
-
-
-
 def test_a_malformed_given_box_is_that_image_error_row(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -1,11 +1,14 @@
 import os
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.arrow import Provenance, result_to_row, to_table
 from pipeline.records import ImageResult
-from sinks.parquet import SCHEMA, ParquetSink, part_files, read_rows, reconcile, remove_ids, statuses
+from sinks.parquet import (SCHEMA, ParquetSink, commit_part, committed_counts, id_hashes, part_files, read_commit,
+                           read_rows, reconcile, remove_ids, scan, statuses)
 from tests.pipeline.test_arrow import ok_result
 
 PROV = Provenance("yolo:demo/detector.pt", "demo/gpt4roi", "v1")
@@ -45,6 +48,42 @@ def test_reconcile_and_remove_keep_each_image_once(tmp_path):
     assert reconcile(tmp_path) == 1
     assert statuses(tmp_path) == {"a": "error", "b": "ok", "c": "error"}
     assert remove_ids(tmp_path, {"c"}) == 1 and set(statuses(tmp_path)) == {"a", "b"}
+
+
+def test_a_part_is_its_own_commit_record_and_a_retried_writer_replaces_it(tmp_path):
+    """The counts of a part live in its footer (written by the same rename as its rows), and a
+    writer run again on the same rows (a Ray task retried after its worker died past the rename)
+    lands on the same file instead of adding a copy."""
+    (tmp_path / "data").mkdir()
+    rows = to_table([ok_result("a"), ImageResult("b", "/x", "error", "decode: nope")], PROV)
+    first = commit_part(tmp_path / "data", 3, rows)
+    again = commit_part(tmp_path / "data", 3, rows, written_by="node-1")
+    assert first["part"] == again["part"] and len(part_files(tmp_path)) == 1
+    expected = {"rows": 2, "ok": 1, "error": 1, "regions": 2}
+    assert read_commit(part_files(tmp_path)[0]) == {**expected, "written_by": "node-1"}
+    commit_part(tmp_path / "data", 4, to_table([ok_result("c")], PROV))
+    assert committed_counts(tmp_path) == {"rows": 3, "ok": 2, "error": 1, "regions": 4}
+    assert not list((tmp_path / "data").glob(".*tmp"))
+
+
+def test_scan_indexes_ids_as_hashes_and_keeps_each_image_once(tmp_path):
+    """The resume index: sorted 64-bit hashes of the ids of ok rows and of error rows (no ids held);
+    an id in several parts keeps the newest part's row, the older parts rewritten with their
+    commit records recounted; a dry run's scan changes nothing."""
+    with ParquetSink(tmp_path, rows_per_part=2) as sink:
+        sink.write(to_table([ImageResult(i, i, "error", "x") for i in ("a", "b", "c")], PROV))
+    with ParquetSink(tmp_path) as sink:
+        sink.write(to_table([ok_result("b"), ok_result("d")], PROV))
+    looked = scan(tmp_path, repair=False)
+    assert (looked.rows, looked.duplicates_removed, read_rows(tmp_path).num_rows) == (5, 0, 5)
+    index = scan(tmp_path)
+    assert (index.rows, index.duplicates_removed) == (4, 1)
+    in_ok, in_error = index.classify(id_hashes(["a", "b", "c", "d", "z"]))
+    assert in_ok.tolist() == [False, True, False, True, False]
+    assert in_error.tolist() == [True, False, True, False, False]
+    assert index.ok.dtype == np.uint64 and list(index.ok) == sorted(index.ok)
+    assert committed_counts(tmp_path) == {"rows": 4, "ok": 2, "error": 2, "regions": 4}
+    assert id_hashes(["a"])[0] == id_hashes(pa.array(["a"]))[0]  # the same from Python and from Arrow
 
 
 # A writer that finishes one small part, then writes one large part (~150 MB of incompressible
