@@ -13,7 +13,8 @@ For each size N it builds (once, under ``--work``):
 Then it runs ``roiscribe caption`` on Ray (a fresh local cluster per run, the random ``tiny``
 model, the given-boxes detector with no boxes, so each image is decoded and written) twice:
 
-* fresh: into an empty output, stopped ``--window`` seconds after its first part is committed;
+* fresh: into an empty output, stopped ``--window`` seconds after its first part is committed (or
+  after ``--max-s`` seconds);
 * resume: ``--resume`` over the prepared output, to the end (the ``--left`` images).
 
 and reports, per run, the driver's peak RSS (sampled every 50 ms with psutil: the driver process
@@ -99,7 +100,7 @@ def make_done_output(work: Path, manifest: Path, rows: int, left: int, part_rows
     return base
 
 
-def run(manifest: Path, out: Path, resume: bool, window: float, rows_per_part: int) -> dict:
+def run(manifest: Path, out: Path, resume: bool, window: float, rows_per_part: int, max_s: float = 1e9) -> dict:
     import psutil
 
     cmd = [sys.executable, "-m", "jobs.cli", "caption", str(manifest), "--out", str(out), "--runner", "ray",
@@ -120,7 +121,8 @@ def run(manifest: Path, out: Path, resume: bool, window: float, rows_per_part: i
             new = [p for p in (out / "data").glob("part-*.parquet") if p.name not in before]
             if new:
                 first = min(p.stat().st_mtime for p in new) - t0
-        if first is not None and not resume and time.time() - t0 > first + window:
+        waited = time.time() - t0
+        if not resume and ((first is not None and waited > first + window) or waited > max_s):
             proc.send_signal(signal.SIGINT)  # enough: the driver has run past its first part
             try:
                 proc.wait(timeout=60)
@@ -133,7 +135,7 @@ def run(manifest: Path, out: Path, resume: bool, window: float, rows_per_part: i
     if resume and proc.returncode:
         raise SystemExit(f"the resume failed:\n{stderr[-3000:]}")
     return {"driver_peak_rss_mib": round(peak / 2**20, 1), "first_part_s": round(first, 2) if first else None,
-            "wall_s": round(wall, 1), "summary": stdout.strip().splitlines()[-1] if stdout.strip() else ""}
+            "wall_s": round(wall, 1), "summary": next((line for line in stdout.splitlines() if "images processed" in line), "")}
 
 
 def main() -> None:
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--done-part-rows", type=int, default=50_000, help="rows per part of the resume output")
     parser.add_argument("--rows-per-part", type=int, default=100, help="the jobs' parts")
     parser.add_argument("--window", type=float, default=20.0, help="seconds a fresh job runs after its first part")
+    parser.add_argument("--max-s", type=float, default=1e9,
+                        help="stop a fresh job after this many seconds even before its first part")
     parser.add_argument("--skip", choices=("fresh", "resume"), default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,7 @@ def main() -> None:
         if args.skip != "fresh":
             out = args.work / f"fresh-{rows}"
             shutil.rmtree(out, ignore_errors=True)
-            result["fresh"] = run(manifest, out, False, args.window, args.rows_per_part)
+            result["fresh"] = run(manifest, out, False, args.window, args.rows_per_part, args.max_s)
             shutil.rmtree(out, ignore_errors=True)
         if args.skip != "resume":
             t = time.time()

@@ -374,7 +374,11 @@ class RayRunner:
         """The rows to do (or, without a tally, each block's counts), planned in the read tasks."""
         args = {"reader": source.reader, "index": [index], "retry_failed": retry_failed}
         plan = partial(plan_counts, **args) if tally is None else partial(plan_rows, **args, tally=tally)
-        return source.ray_dataset(plan)
+        return source.ray_dataset(plan, readers=self._nodes())
+
+    def _nodes(self) -> int:
+        """Nodes alive, at least 2: how many read tasks, and how many part writers, run at once."""
+        return max(2, sum(n["Alive"] for n in self.ray.nodes()))
 
     def count(self, source: Source, index, retry_failed: bool) -> Tally:
         tally = Tally()
@@ -436,7 +440,7 @@ class RayRunner:
         seq = next_part_number(out / "data")
         ds = ds.map_batches(write_part, fn_kwargs={"data": str(out / "data"), "seq": seq},
                             batch_size=cfg.rows_per_part, batch_format="pyarrow", num_cpus=0,
-                            compute=TaskPoolStrategy(size=max(2, sum(n["Alive"] for n in ray.nodes()))),
+                            compute=TaskPoolStrategy(size=self._nodes()),
                             scheduling_strategy="SPREAD")
         written = 0
         # blocks of about batch_size planned rows, so that every actor of the pool gets work (Ray

@@ -276,17 +276,21 @@ class Source:
         for raw in self.reader.blocks(rows):
             yield self.reader.resolve(raw)
 
-    def ray_dataset(self, plan):
+    def ray_dataset(self, plan, readers: int = 2):
         """The source as a Ray dataset read by tasks on the cluster (no CPU asked, so they never
         wait behind the actor pools): a Parquet manifest by one task per run of row groups, a CSV
         manifest, a folder, a glob or items by one streaming task. Each raw block goes through
         ``plan(raw) -> Iterator[pa.Table]`` in the task that read it (ids and paths resolved, rows
         already done dropped), so only the rows to do enter the pipeline. Ray Data's own file
         readers are not used: in Ray 2.60 they list files in a task that asks for a CPU, which
-        never comes while the actor pools hold every CPU of the cluster (the job would hang)."""
+        never comes while the actor pools hold every CPU of the cluster (the job would hang). At
+        most ``readers`` read tasks run at once (asking no CPU, they would otherwise all start
+        together and take the CPUs from the actors)."""
         import ray
+        from ray.data import TaskPoolStrategy
 
-        return ray.data.read_datasource(_datasource(self.reader, plan), num_cpus=0)
+        return ray.data.read_datasource(_datasource(self.reader, plan), num_cpus=0,
+                                        compute=TaskPoolStrategy(size=readers))
 
     def to_items(self) -> list[SourceItem]:
         """Every item as a list (small sources, tests); a job reads :meth:`blocks`."""
