@@ -638,7 +638,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from jobs.config import DetectorSpec
-    from pipeline.calibrate import calibrate_world, format_report
+    from pipeline.calibrate import format_report
+    from synth.calibrate import calibrate_world
     from pipeline.stages import PipelineConfig
     from synth.evaluate import read_ground_truth
 

@@ -2,9 +2,10 @@
 
 A generative model's token log-probs rank its answers but are not probabilities of being right:
 the demo model's ``exp(mean token log-prob)`` says 0.9 for answers that are right far less often.
-A calibrator is fitted on labelled data (the synthetic world's ground truth, or any annotated set
-turned into the same :class:`Example` records) per kind of answer, and maps the signals of one
-answer to a probability.
+A calibrator is fitted on labelled data (the synthetic world's ground truth: ``synth.calibrate``,
+or any annotated set turned into the same :class:`Example` records) per kind of answer, and maps
+the signals of one answer to a probability; ``apply`` sets them on a result (the describe stage
+does, when the job has a calibration).
 
 Kinds: ``color``, ``shape``, ``material`` (direct attribute answers), ``caption`` (right when the
 colour, shape, material and size it names are all the object's), ``relation`` (both regions real
@@ -20,7 +21,7 @@ Signals (``FEATURES``), each known without ground truth when the job runs:
 * ``label_agrees``: the detector's class names the same value as the answer (1), another (0),
   or the class is no word of the attribute (0.5) (``pipeline.review``);
 * ``jitter_agrees``: asked again about the same region with its box edges moved a little
-  (``jitter_agreement``: a second pass, so it doubles the cost), the answer stays the same (1) or
+  (``synth.calibrate.jitter_agreement``: a second pass, so it doubles the cost), the answer stays the same (1) or
   not (0); 0.5 when not measured. A region: its shape answer's.
 
 The calibrator is a logistic regression on the standardised signals (L2-regularised, fitted by
@@ -68,7 +69,7 @@ class Example:
 
 # Signals of one image's answers -------------------------------------------------------------------
 
-def _named(attribute: str, text: str | None) -> str | None:
+def named_value(attribute: str, text: str | None) -> str | None:
     """The value of ``attribute`` that a word (or two-word phrase) of ``text`` names, if any."""
     from pipeline.review import vocabulary_value
 
@@ -104,7 +105,7 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
         a = answers.get(kind)
         if a is None:
             continue
-        in_caption = _named(kind, caption.value if caption else None)
+        in_caption = named_value(kind, caption.value if caption else None)
         out[kind] = {"mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "detector_score": score,
                      "caption_agrees": _agreement(a.value, in_caption),
                      "label_agrees": _agreement(a.value, vocabulary_value(kind, label)),
@@ -116,7 +117,7 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
         out["caption"] = {"mean_logprob": caption.mean_logprob, "min_logprob": caption.min_logprob,
                           "detector_score": score,
                           "caption_agrees": agreeing / named if named else UNKNOWN_AGREEMENT,
-                          "label_agrees": _agreement(_named("shape", caption.value), vocabulary_value("shape", label)),
+                          "label_agrees": _agreement(named_value("shape", caption.value), vocabulary_value("shape", label)),
                           "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
     shape = answers.get("shape")
     out["region"] = {"mean_logprob": shape.mean_logprob if shape else 0.0,
@@ -132,90 +133,6 @@ def relation_signals(result, rel, jitter: float = UNKNOWN_AGREEMENT) -> dict[str
     return {"mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob,
             "detector_score": float(min(scores[rel.subject], scores[rel.object])),
             "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter}
-
-
-def jitter_agreement(results, loaded, config, jitter: float = 0.05, seed: int = 0) -> list[dict]:
-    """Ask every question again with each box's edges moved by Gaussian noise (``jitter`` of the
-    box's width / height; ``model.train.jitter_box``) -> per result ``{region: {answer name:
-    1.0 | 0.0}, "relations": {(subject, object): 1.0 | 0.0 | 0.5}}``: whether the answer stayed the
-    same (a relation the second pass did not ask: 0.5). Empty for an image that failed."""
-    import dataclasses
-    import random
-
-    from detectors.given import GivenBoxes
-    from model.train import jitter_box
-    from pipeline.flow import annotate
-    from pipeline.records import Regions
-
-    rng = random.Random(seed)
-    mapping = {}
-    for res in results:
-        if res.status == "ok":
-            boxes = [jitter_box(b, jitter, res.width, res.height, rng) for b in res.regions.boxes.tolist()]
-            mapping[res.uri] = Regions(np.asarray(boxes, np.float32).reshape(-1, 4), res.regions.scores,
-                                       res.regions.class_ids, list(res.regions.class_names))
-    again = annotate([res.uri for res in results], GivenBoxes(mapping), loaded,
-                     dataclasses.replace(config, postprocess=None))  # the same regions, in the same order
-    out = []
-    for first, second in zip(results, again):
-        agree: dict = {}
-        if first.ok and second.ok and len(second.regions) == len(first.regions):
-            for r, (a, b) in enumerate(zip(first.answers, second.answers)):
-                agree[r] = {k: float(a[k].value == b[k].value) for k in a if k in b}
-            asked = {(x.subject, x.object): x.predicate for x in second.relations}
-            agree["relations"] = {(x.subject, x.object): (float(asked[(x.subject, x.object)] == x.predicate)
-                                                          if (x.subject, x.object) in asked else UNKNOWN_AGREEMENT)
-                                  for x in first.relations}
-        out.append(agree)
-    return out
-
-
-# Labelled examples from the synthetic world -------------------------------------------------------
-
-def world_examples(results, truths, iou: float = 0.5, jitter: list[dict] | None = None) -> list[Example]:
-    """Every answer of ``annotate()`` results, labelled right or wrong by the world's ground truth
-    (``synth.evaluate.GroundTruth``): regions matched at IoU >= ``iou`` (greedy, by score).
-    ``jitter``: ``jitter_agreement`` of the same results, if measured."""
-    from pipeline.review import vocabulary_value
-    from synth.evaluate import match
-
-    out: list[Example] = []
-    for k, (result, truth) in enumerate(zip(results, truths)):
-        if result.status != "ok":
-            continue
-        agree = jitter[k] if jitter is not None else {}
-        pairs = match(result.regions, truth.regions.boxes, iou)
-        for r in range(len(result.regions)):
-            obj = truth.objects[pairs[r]] if r in pairs else None
-            signals = region_signals(result, r, agree.get(r))
-            answers = result.answers[r] if r < len(result.answers) else {}
-            for kind, features in signals.items():
-                if obj is None:
-                    right = False
-                elif kind in ATTRIBUTE_KINDS:
-                    right = answers[kind].value == obj[kind]
-                elif kind == "caption":
-                    text = answers["caption"].value
-                    right = all(_named(k, text) == obj[k] for k in ATTRIBUTE_KINDS) and \
-                        _size_word(text) == obj["size"]
-                else:  # region: a real object, and the detector's class is its shape
-                    right = vocabulary_value("shape", result.regions.class_names[r]) == obj["shape"]
-                out.append(Example(kind, features, right))
-        for rel in result.relations:
-            if rel.predicate is None:
-                continue
-            want = None
-            if rel.subject in pairs and rel.object in pairs:
-                want = truth.relations.get(f"{pairs[rel.subject]},{pairs[rel.object]}")
-            stable = agree.get("relations", {}).get((rel.subject, rel.object), UNKNOWN_AGREEMENT)
-            out.append(Example("relation", relation_signals(result, rel, stable), want is not None and rel.predicate == want))
-    return out
-
-
-def _size_word(text: str | None) -> str | None:
-    from synth.world import SIZES
-
-    return next((w for w in (text or "").lower().split() if w in SIZES), None)
 
 
 # Metrics ------------------------------------------------------------------------------------------
@@ -404,42 +321,6 @@ def format_report(metrics: dict, signals: dict | None = None) -> str:
         for kind, row in signals.items():
             lines.append(f"{kind:<10} " + "  ".join(f"{row[f]:>14.3f}" for f in FEATURES))
     return "\n".join(lines)
-
-
-def world_examples_of(truths, loaded, config, detector, jitter: float | None = None) -> tuple[list[Example], list[int]]:
-    """Run the pipeline (``annotate``) on the world's images with ``detector``'s boxes -> the
-    labelled examples and the image index of each (with ``jitter``, a second pass measures
-    ``jitter_agrees``)."""
-    from pipeline.flow import annotate
-
-    results = annotate([t.image for t in truths], detector, loaded, config)
-    stable = jitter_agreement(results, loaded, config, jitter) if jitter else [{}] * len(results)
-    examples, images = [], []
-    for i, (result, truth) in enumerate(zip(results, truths)):
-        found = world_examples([result], [truth], jitter=[stable[i]])
-        examples += found
-        images += [i] * len(found)
-    return examples, images
-
-
-def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout: float = 0.3,
-                    seed: int = 0, jitter: float | None = None) -> Calibration:
-    """Fit on the world's answers and check on ``check_truths`` (another world: scenes of a seed
-    used for nothing else), or, without one, on a ``holdout`` share of the images kept out of the
-    fit. The metrics (before and after, per kind) and each signal's AUROC on the checked answers go
-    into the calibration's ``metrics``."""
-    examples, images = world_examples_of(truths, loaded, config, detector, jitter)
-    if check_truths is not None:
-        fit, check = examples, world_examples_of(check_truths, loaded, config, detector, jitter)[0]
-        how = f"checked on {len(check_truths)} other images"
-    else:
-        fit, check = split(examples, images, holdout, seed)
-        how = f"checked on a held-out {holdout:.0%} of the images (seed {seed})"
-    calibration = Calibration.fit(fit)
-    calibration.metrics = {"checked": evaluate(calibration, check), "fitted": evaluate(calibration, fit),
-                           "signals_auroc": signal_report(check), "how": how}
-    calibration.fitted_on = {"images": len(truths), "answers": len(fit)}
-    return calibration
 
 
 # Applying a calibration to results ----------------------------------------------------------------

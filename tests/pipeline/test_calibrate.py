@@ -1,13 +1,14 @@
-"""Calibrated confidence (pipeline/calibrate.py): metrics and the fit on hand-built data, labels
-from hand-built results, and a test-sized fit on the demo model's real answers."""
+"""Calibrated confidence (pipeline/calibrate.py, synth/calibrate.py): metrics and the fit on
+hand-built data, labels from hand-built results, and a test-sized fit on the demo model's real
+answers."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.calibrate import (Calibration, Example, KindCalibrator, auroc, calibrate_world, ece, evaluate,
-                                world_examples)
+from pipeline.calibrate import Calibration, Example, KindCalibrator, auroc, ece, evaluate
+from synth.calibrate import calibrate_world, world_examples
 from pipeline.records import Answer, ImageResult, Regions, RelationAnswer
 from synth.evaluate import GroundTruth
 
@@ -131,7 +132,7 @@ def test_jitter_agreement_asks_again_about_moved_boxes(tmp_path_factory):
     signal of a wrong answer."""
     from detectors import build_detector
     from model.checkpoint import load_model
-    from pipeline.calibrate import jitter_agreement
+    from synth.calibrate import jitter_agreement
     from pipeline.flow import annotate
     from pipeline.stages import PipelineConfig
     from synth.dataset import write_dataset
