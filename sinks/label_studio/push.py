@@ -310,7 +310,10 @@ def push(rows, cfg: PushConfig, token: str | None = None, progress: bool = True,
                         "same push again to resume") from None
                 client.wait_healthy()  # retried with backoff
                 settle(client, pid, cfg)  # then the state is listed afresh
-        if project.get("model_version") != version:
+        # the project shows this version only when a prediction of it exists (Label Studio answers 400
+        # "Model version doesn't exist" later otherwise, e.g. after a push whose every row was rejected)
+        holds_version = report.tasks_created or report.predictions_created or report.already_present
+        if holds_version and project.get("model_version") != version:
             client.update_project(pid, model_version=version)
     finally:
         if bar is not None:

@@ -424,6 +424,23 @@ def test_cli_push_of_url_images_reports_rejected_rows_and_exits_1(ls_server, ls_
     assert caplog.text  # something was logged at DEBUG (the check above looked at real log text)
 
 
+def test_a_push_whose_every_row_is_rejected_leaves_the_projects_model_version(ls_server, ls_token, tmp_path, capsys):
+    """No prediction of the version was created, so the project is not switched to it (Label
+    Studio would show a model version that does not exist)."""
+    from tests.sinks.test_label_studio import make_row, write_output
+
+    rows = [make_row(71000 + k, str(tmp_path / f"{k}.png")) for k in range(2)]
+    for row in rows:
+        row["regions"][0]["box"] = [150.0, 10.0, 260.0, 40.0]  # outside the 200-px image: rejected
+    out = write_output(tmp_path / "out", rows)
+    rc = main(["push", str(out), "--url", ls_server.url, "--project", "all-rejected", "--images", "url",
+               "--url-prefix", "https://cdn.example/", "--document-root", str(tmp_path), "--model-version", "v-none"])
+    assert rc == 1 and "rejected" in capsys.readouterr().err
+    project = LabelStudio(ls_server.url, ls_token).project("all-rejected")
+    assert project["model_version"] != "v-none"
+    assert LabelStudio(ls_server.url, ls_token).list_tasks(project["id"]) == []
+
+
 class DroppingProxy(BaseHTTPRequestHandler):
     """Forwards every request to the real server, but drops the last task or prediction of each
     import: the server then creates one fewer than the client sent (as a server that silently
