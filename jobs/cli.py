@@ -42,7 +42,8 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     """The pseudo-label policy (``sinks.exports.Policy``) of ``export`` and ``pseudo-label``."""
     p.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
                    help="threshold per kind (region, caption, color, shape, material, action, relation; "
-                        "default 0.5 each); repeat for several, e.g. --min-probability relation=0.8")
+                        "default: the calibration's tuned thresholds (`calibrate --precision`), else 0.5); "
+                        "repeat for several, e.g. --min-probability relation=0.8")
     p.add_argument("--min-area", type=float, default=0.0, help="smallest box kept, in pixels (default 0)")
     p.add_argument("--max-per-image", type=int, default=None, help="regions kept per image, the most "
                                                                    "probable first (default: all)")
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--jitter", type=float, default=None,
                            help="also measure stability: ask again with box edges moved by this share of the box "
                                 "(e.g. 0.05; a second pass, twice the time)")
+    calibrate.add_argument("--precision", type=float, default=None,
+                           help="also tune a threshold per kind on the checked answers: the lowest probability at "
+                                "which the answers kept are right this often (e.g. 0.95); written into the "
+                                "calibration, where export and pseudo-label take them as their defaults")
     calibrate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(calibrate)
 
@@ -654,16 +659,22 @@ def cmd_calibrate(args) -> int:
         out = Path(spec.spec) / "calibration.json"
     if not 0 < args.holdout < 1:
         raise UsageError(f"--holdout must be between 0 and 1, got {args.holdout}")
+    if args.precision is not None and not 0 < args.precision <= 1:
+        raise UsageError(f"--precision must be in (0, 1], got {args.precision}")
     truths = read_ground_truth(args.data, args.limit)
     check = read_ground_truth(args.check, args.limit) if args.check else None
     _check_detector(args.detector or "demo")
     detector = DetectorSpec(args.detector or "demo", spec.device).build()
     config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size)
-    calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed, args.jitter)
+    calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed, args.jitter,
+                                  args.precision)
     calibration.fitted_on |= {"data": str(args.data), "check": str(args.check) if args.check else None,
                               "model": spec.spec, "detector": args.detector or "demo"}
     print(format_report(calibration.metrics["checked"], calibration.metrics["signals_auroc"]))
     print(f"({calibration.metrics['how']}; fitted on {calibration.fitted_on['answers']} answers)")
+    if calibration.thresholds:
+        print(f"thresholds for precision {args.precision} on the checked answers: "
+              + ", ".join(f"{k}={v:g}" for k, v in calibration.thresholds.items()))
     print(f"calibration written to {calibration.save(out)}")
     return 0
 
@@ -683,13 +694,21 @@ def cmd_pseudo_label(args) -> int:
     rc = cmd_caption(args)
     if rc != 0 or getattr(args, "dry_run", False):
         return rc
-    return _export(Path(job_config(args).out), args, None, None)
+    config = job_config(args)
+    return _export(Path(config.out), args, None, None, tuned_by=config.calibration)
 
 
-def _export(out: Path, args, calibration, calibration_path: str | None) -> int:
+def _export(out: Path, args, calibration, calibration_path: str | None, tuned_by: str | None = None) -> int:
+    """Export with the policy flags; thresholds default to those tuned with the calibration used
+    (``calibration``, or the job's, ``tuned_by``), then 0.5."""
+    from pipeline.calibrate import Calibration
     from sinks.exports import KINDS, Policy, export
 
     thresholds = dict(Policy().min_probability)
+    tuned = calibration if calibration is not None else Calibration.load(tuned_by) if tuned_by else None
+    if tuned is not None and tuned.thresholds:
+        thresholds |= {k: v for k, v in tuned.thresholds.items() if k in thresholds}
+        print(f"thresholds tuned with the calibration: " + ", ".join(f"{k}={v:g}" for k, v in tuned.thresholds.items()))
     for item in args.min_probability:
         kind, _, value = item.partition("=")
         if kind not in thresholds:

@@ -228,6 +228,9 @@ class Calibration:
     kinds: dict[str, KindCalibrator]
     metrics: dict = field(default_factory=dict)
     fitted_on: dict = field(default_factory=dict)
+    # per kind, the probability threshold tuned on labelled validation answers
+    # (``thresholds_for_precision``); the export policy's default when this calibration is used
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def probability(self, kind: str, features: dict[str, float]) -> float | None:
         """The probability that an answer of ``kind`` with these signals is right (None: no
@@ -247,7 +250,7 @@ class Calibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "kinds": {k: c.__dict__ for k, c in self.kinds.items()},
-                "metrics": self.metrics, "fitted_on": self.fitted_on}
+                "metrics": self.metrics, "fitted_on": self.fitted_on, "thresholds": self.thresholds}
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(path)
@@ -262,7 +265,7 @@ class Calibration:
             raise ValueError(f"{path} has calibration format {data['format_version']}; this roiscribe reads up to "
                              f"{FORMAT_VERSION}")
         return cls({k: KindCalibrator(**v) for k, v in data["kinds"].items()}, data.get("metrics", {}),
-                   data.get("fitted_on", {}))
+                   data.get("fitted_on", {}), data.get("thresholds", {}))
 
 
 def evaluate(calibration: Calibration, examples: Sequence[Example]) -> dict[str, dict[str, float]]:
@@ -302,11 +305,44 @@ def split(examples: Sequence[Example], images: Sequence[int], holdout: float, se
     """(fit, held out) by image (``images[i]`` is example i's image), so that no image's answers
     are on both sides."""
     unique = sorted(set(images))
+    if not unique:
+        raise ValueError("no answers to split: the pipeline answered nothing on these images (no detections?)")
     rng = np.random.default_rng(seed)
     held = set(rng.choice(unique, size=max(1, int(round(len(unique) * holdout))), replace=False).tolist())
     fit = [e for e, i in zip(examples, images) if i not in held]
     test = [e for e, i in zip(examples, images) if i in held]
     return fit, test
+
+
+def thresholds_for_precision(calibration: Calibration, examples: Sequence[Example], precision: float,
+                             grid: Sequence[float] = tuple(np.round(np.arange(0.0, 1.0, 0.05), 2))) -> dict[str, float]:
+    """Per kind, the lowest probability threshold (from ``grid``) at which the answers kept on
+    labelled validation ``examples`` (never the scenes a result is reported on) are right at least
+    ``precision`` of the time; a kind that never reaches it gets the grid point of best precision
+    among those that keep at least a tenth of its answers (ties: the higher threshold). A kind
+    without a calibrator or examples gets none. The export policy's ``min_probability``."""
+    out = {}
+    for kind in sorted({e.kind for e in examples}):
+        group = [e for e in examples if e.kind == kind]
+        probs = [calibration.probability(kind, e.features) for e in group]
+        if not group or any(p is None for p in probs):
+            continue
+        p = np.asarray(probs, float)
+        y = np.asarray([e.correct for e in group], bool)
+        best, best_precision = None, -1.0
+        for t in grid:
+            kept = p >= t
+            if not kept.any():
+                break
+            share = float(y[kept].mean())
+            if share >= precision:
+                best = float(t)
+                break
+            if kept.mean() >= 0.1 and share >= best_precision:
+                best, best_precision = float(t), share
+        if best is not None:
+            out[kind] = best
+    return out
 
 
 def format_report(metrics: dict, signals: dict | None = None) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.calibrate import (ATTRIBUTE_KINDS, UNKNOWN_AGREEMENT, Calibration, Example, evaluate, named_value,
-                                region_signals, relation_signals, signal_report, split)
+                                region_signals, relation_signals, signal_report, split,
+                                thresholds_for_precision)
 
 def jitter_agreement(results, loaded, config, jitter: float = 0.05, seed: int = 0) -> list[dict]:
     """Ask every question again with each box's edges moved by Gaussian noise (``jitter`` of the
@@ -114,11 +115,12 @@ def world_examples_of(truths, loaded, config, detector, jitter: float | None = N
 
 
 def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout: float = 0.3,
-                    seed: int = 0, jitter: float | None = None) -> Calibration:
+                    seed: int = 0, jitter: float | None = None, precision: float | None = None) -> Calibration:
     """Fit on the world's answers and check on ``check_truths`` (another world: scenes of a seed
     used for nothing else), or, without one, on a ``holdout`` share of the images kept out of the
     fit. The metrics (before and after, per kind) and each signal's AUROC on the checked answers go
-    into the calibration's ``metrics``."""
+    into the calibration's ``metrics``; with ``precision``, per kind the threshold at which the checked
+    answers kept are right that often goes into its ``thresholds`` (``thresholds_for_precision``)."""
     examples, images = world_examples_of(truths, loaded, config, detector, jitter)
     if check_truths is not None:
         fit, check = examples, world_examples_of(check_truths, loaded, config, detector, jitter)[0]
@@ -130,4 +132,7 @@ def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout
     calibration.metrics = {"checked": evaluate(calibration, check), "fitted": evaluate(calibration, fit),
                            "signals_auroc": signal_report(check), "how": how}
     calibration.fitted_on = {"images": len(truths), "answers": len(fit)}
+    if precision is not None:
+        calibration.thresholds = thresholds_for_precision(calibration, check, precision)
+        calibration.metrics["thresholds_precision"] = precision
     return calibration

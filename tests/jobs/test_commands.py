@@ -83,7 +83,7 @@ def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
     from pipeline.calibrate import Calibration
 
     out = tmp_path / "calibration.json"
-    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(out))
+    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(out), "--precision", "0.9")
     assert r.returncode == 0, r.stderr
     assert "ECE before" in r.stdout and "AUROC of each signal alone" in r.stdout
     assert f"calibration written to {out}" in r.stdout
@@ -91,6 +91,10 @@ def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
     assert set(calibration.kinds) >= {"color", "shape", "material", "caption", "region"}
     assert calibration.fitted_on["images"] == 4 and calibration.fitted_on["model"] == "demo"
     assert calibration.metrics["how"] == "checked on a held-out 50% of the images (seed 0)"
+    # thresholds tuned on the checked answers: one per kind checked, each a point of the grid
+    assert set(calibration.thresholds) == set(calibration.metrics["checked"]) - {"all"}
+    assert all(0 <= t < 1 and round(t * 20, 6) == int(round(t * 20)) for t in calibration.thresholds.values())
+    assert "thresholds for precision 0.9 on the checked answers: " in r.stdout
     r = run("calibrate", "--data", str(world))  # the shipped model is no directory to write next to
     assert r.returncode == 2 and "pass --out FILE" in r.stderr
 

@@ -150,3 +150,28 @@ def test_jitter_agreement_asks_again_about_moved_boxes(tmp_path_factory):
     assert 0.0 in values and 1.0 in values
     examples = world_examples(results, truths, jitter=moved)
     assert {e.features["jitter_agrees"] for e in examples if e.kind == "color"} <= {0.0, 1.0}
+
+
+class _Stated:
+    """A stand-in calibration whose probability is the example's own ``p`` (hand-built records)."""
+
+    def probability(self, kind, features):
+        return features["p"] if kind != "action" else None
+
+
+def test_thresholds_reach_the_asked_precision_on_validation_answers():
+    from pipeline.calibrate import thresholds_for_precision
+
+    def group(kind, p, right, wrong):
+        return [Example(kind, {"p": p}, True)] * right + [Example(kind, {"p": p}, False)] * wrong
+
+    color = group("color", 0.2, 0, 4) + group("color", 0.4, 2, 2) + group("color", 0.6, 9, 1) + group("color", 0.8, 10, 0)
+    relation = group("relation", 0.3, 1, 9) + group("relation", 0.7, 6, 4) + group("relation", 0.9, 1, 1)
+    examples = color + relation + group("action", 0.9, 5, 0)
+    # colour: p >= 0.45 keeps 20 answers, 19 right (0.95); p >= 0.25 keeps 24, 21 right (0.875)
+    assert thresholds_for_precision(_Stated(), examples, 0.95) == {"color": 0.45, "relation": 0.7}
+    assert thresholds_for_precision(_Stated(), examples, 0.99)["color"] == 0.65  # only the 0.8 answers: all right
+    assert thresholds_for_precision(_Stated(), examples, 0.85)["color"] == 0.25
+    # relation never reaches 0.95: the best precision keeping a tenth of its answers (7 of 12 for any
+    # threshold 0.35-0.7, the highest taken; p >= 0.75 keeps 2 of 22, under a tenth); action: no calibrator
+    assert "action" not in thresholds_for_precision(_Stated(), examples, 0.95)

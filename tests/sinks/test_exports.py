@@ -211,13 +211,20 @@ def test_a_job_run_with_a_calibration_writes_probabilities_that_export_and_push_
     scores = [i["score"] for f in folder.glob("tasks-*.json") for t in json.loads(f.read_text())
               for i in t["predictions"][0]["result"] if i.get("from_name") == "region"]
     assert scores and all(s == pytest.approx(0.9) for s in scores)
-    # pseudo-label: the same caption job, then the export, in one command
+    # pseudo-label: the same caption job, then the export, in one command; the thresholds default to
+    # those tuned with the calibration (`calibrate --precision`)
+    tuned = Calibration(kinds, thresholds={"caption": 0.85}).save(tmp_path / "tuned.json")
     labelled = tmp_path / "pseudo"
     assert main(["pseudo-label", str(images), "--out", str(labelled), "--no-ray", "--max-pairs", "2",
-                 "--calibration", str(path), "--min-probability", "caption=0.85", "--max-per-image", "1"]) == 0
+                 "--calibration", str(tuned), "--max-per-image", "1"]) == 0
     manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
     assert manifest["counts"]["caption"]["accepted"] == 0 and manifest["counts"]["region"]["accepted"] == 6
     assert manifest["counts"]["region"]["proposed"] == len(regions)
+    # a flag wins over the tuned threshold
+    assert main(["export", str(labelled), "--calibration", str(tuned), "--min-probability", "caption=0.8",
+                 "--max-per-image", "1"]) == 0
+    manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
+    assert manifest["counts"]["caption"]["accepted"] == 6
     # another calibration would mix two kinds of probabilities in one output: a resume refuses it
     kinds["region"] = KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
                                      [0.0] * len(FEATURES), 0.0)
