@@ -45,11 +45,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 FORMAT = "roiscribe-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: isotonic correction (iso_x, iso_y); version 1 files read as before
 FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees", "jitter_agrees")
 ATTRIBUTE_KINDS = ("color", "shape", "material")
 KINDS = (*ATTRIBUTE_KINDS, "caption", "relation", "region")
 UNKNOWN_AGREEMENT = 0.5  # neither agrees nor disagrees: the caption or the label names no value
+ISOTONIC_FROM = 200  # examples of a kind from which its logistic output is corrected by isotonic regression
 
 
 @dataclass(frozen=True)
@@ -186,16 +187,26 @@ class KindCalibrator:
     bias: float
     examples: int = 0
     base_rate: float = 0.0
+    # a monotone correction of the logistic output, fitted after it (isotonic regression: the
+    # logistic curve cannot bend to every kind's), as points to interpolate; empty: none
+    iso_x: list[float] = field(default_factory=list)
+    iso_y: list[float] = field(default_factory=list)
 
     def probability(self, features: dict[str, float]) -> float:
-        x = (np.array([features[f] for f in self.features], dtype=np.float64) - self.mean) / self.std
-        return float(1.0 / (1.0 + math.exp(-float(np.dot(self.weights, x) + self.bias))))
+        return self._correct(self._logistic(np.array([[features[f] for f in self.features]], dtype=np.float64)))[0]
+
+    def _logistic(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(((x - self.mean) / self.std) @ np.asarray(self.weights) + self.bias)))
+
+    def _correct(self, p: np.ndarray) -> list[float]:
+        return (np.interp(p, self.iso_x, self.iso_y) if self.iso_x else p).tolist()
 
     @classmethod
     def fit(cls, examples: Sequence[Example], features: Sequence[str] = FEATURES, l2: float = 1.0,
-            iterations: int = 50) -> "KindCalibrator":
-        """L2-regularised logistic regression by Newton's method (the bias unpenalised). With only
-        right (or only wrong) examples it returns that constant rate."""
+            iterations: int = 50, isotonic_from: int = ISOTONIC_FROM) -> "KindCalibrator":
+        """L2-regularised logistic regression by Newton's method (the bias unpenalised), then, with at
+        least ``isotonic_from`` examples, isotonic regression of the right answers on its output.
+        With only right (or only wrong) examples it returns that constant rate."""
         x = np.array([[e.features[f] for f in features] for e in examples], dtype=np.float64)
         y = np.array([e.correct for e in examples], dtype=np.float64)
         mean = x.mean(0) if len(x) else np.zeros(len(features))
@@ -218,7 +229,27 @@ class KindCalibrator:
             w -= step
             if np.abs(step).max() < 1e-8:
                 break
-        return cls(list(features), mean.tolist(), std.tolist(), w[:-1].tolist(), float(w[-1]), len(y), rate)
+        fitted = cls(list(features), mean.tolist(), std.tolist(), w[:-1].tolist(), float(w[-1]), len(y), rate)
+        if len(y) >= isotonic_from:
+            fitted.iso_x, fitted.iso_y = isotonic(fitted._logistic(x), y)
+        return fitted
+
+
+def isotonic(scores: np.ndarray, correct: np.ndarray, floor: float = 1e-3) -> tuple[list[float], list[float]]:
+    """Isotonic regression (pool adjacent violators) of ``correct`` on ``scores`` -> the blocks'
+    mean scores and rates, to interpolate between (rates kept within [floor, 1 - floor])."""
+    order = np.argsort(scores, kind="stable")
+    blocks: list[list[float]] = []  # [sum of correct, count, sum of scores]
+    for s, c in zip(np.asarray(scores, np.float64)[order], np.asarray(correct, np.float64)[order]):
+        blocks.append([c, 1.0, s])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] >= blocks[-1][0] * blocks[-2][1]:
+            c2, n2, s2 = blocks.pop()
+            blocks[-1][0] += c2
+            blocks[-1][1] += n2
+            blocks[-1][2] += s2
+    xs = [b[2] / b[1] for b in blocks]
+    ys = [min(max(b[0] / b[1], floor), 1 - floor) for b in blocks]
+    return xs, ys
 
 
 @dataclass

@@ -2,6 +2,7 @@
 hand-built data, labels from hand-built results, and a test-sized fit on the demo model's real
 answers."""
 
+import json
 import math
 
 import numpy as np
@@ -175,3 +176,43 @@ def test_thresholds_reach_the_asked_precision_on_validation_answers():
     # relation never reaches 0.95: the best precision keeping a tenth of its answers (7 of 12 for any
     # threshold 0.35-0.7, the highest taken; p >= 0.75 keeps 2 of 22, under a tenth); action: no calibrator
     assert "action" not in thresholds_for_precision(_Stated(), examples, 0.95)
+
+
+def test_isotonic_regression_pools_adjacent_violators_by_hand():
+    from pipeline.calibrate import isotonic
+
+    xs, ys = isotonic(np.array([4.0, 1.0, 3.0, 2.0]), np.array([1, 1, 1, 0]))
+    # sorted: (1, 1) (2, 0) violate -> one block of rate 0.5 at 1.5; (3, 1) (4, 1) -> rate 1 at 3.5
+    assert xs == [1.5, 3.5] and ys == [0.5, 1 - 1e-3]
+
+
+def test_the_isotonic_step_fixes_what_the_logistic_curve_cannot_follow(tmp_path):
+    """Right answers 60 % of the time below a log-prob of -1, 97 % above it: a step no logistic curve
+    fits; the isotonic correction does, on answers it was not fitted on."""
+    rng = np.random.default_rng(0)
+
+    def examples(n):
+        lp = rng.uniform(-3, 0, n)
+        right = rng.random(n) < np.where(lp < -1, 0.6, 0.97)
+        return [Example("shape", {"mean_logprob": float(v), "min_logprob": float(v), "detector_score": 0.9,
+                                  "caption_agrees": 0.5, "label_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+                for v, r in zip(lp, right)]
+
+    fit, check = examples(6000), examples(6000)
+    plain = Calibration({"shape": KindCalibrator.fit(fit, isotonic_from=10 ** 9)})
+    corrected = Calibration.fit(fit)
+    assert corrected.kinds["shape"].iso_x and not plain.kinds["shape"].iso_x
+    before, after = evaluate(plain, check)["shape"]["ece_after"], evaluate(corrected, check)["shape"]["ece_after"]
+    assert before > 0.05 and after < 0.02
+    # too few examples of a kind for the isotonic step: the logistic fit alone
+    assert not Calibration.fit(fit[:100]).kinds["shape"].iso_x
+    # saved and loaded with the correction; a version-1 file (no correction) still reads
+    loaded = Calibration.load(corrected.save(tmp_path / "c.json"))
+    assert loaded.probability("shape", fit[0].features) == corrected.probability("shape", fit[0].features)
+    data = json.loads((tmp_path / "c.json").read_text())
+    data["format_version"] = 1
+    for kind in data["kinds"].values():
+        del kind["iso_x"], kind["iso_y"]
+    (tmp_path / "v1.json").write_text(json.dumps(data))
+    assert Calibration.load(tmp_path / "v1.json").probability("shape", fit[0].features) == pytest.approx(
+        plain.probability("shape", fit[0].features), abs=1e-9)
