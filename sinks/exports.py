@@ -8,7 +8,8 @@ part at a time) and writes ``OUT/exports/``:
   answers (single-region turns) and the kept relations (two-region turns), with the questions the
   pipeline asks (``pipeline.compose.Templates``);
 * ``yolo/``: a YOLO dataset ultralytics trains on (``data.yaml``, ``images/{train,val}`` linked to
-  the original files, ``labels/{train,val}``), classes numbered in the order they are first kept;
+  the original files, ``labels/{train,val}``), classes numbered by the detector's own class ids (a
+  person's labels, which have none: the lowest free numbers; a number nobody kept: ``classN``);
 * ``coco.json``: COCO detection json (boxes ``[x, y, w, h]`` in pixels, each annotation with its
   score, probability and attributes), which ``roiscribe caption`` reads back as a source;
 * ``decisions.jsonl``: per image, every proposed region, answer and relation with its probability,
@@ -229,7 +230,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
         (yolo / "labels" / split).mkdir(parents=True, exist_ok=True)
     templates = Templates()
     counts = Counts()
-    classes: dict[str, int] = {}  # label -> its index in data.yaml (COCO: + 1)
+    classes: dict[str, int] = {}  # label -> its index in data.yaml (COCO: + 1); see _class_index
     coco_images, coco_annotations = [], []
     skipped = skipped if skipped is not None else Counter()
     every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
@@ -248,7 +249,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
                 skipped["no kept region" if not kept else "image not a local file"] += 1
                 continue
             for g in kept:
-                classes.setdefault(g["label"], len(classes))  # dense indices, in the order first kept
+                _class_index(classes, g["label"], g.get("class_id", -1))
             conv.write(json.dumps(_conversation(d, kept, path, templates)) + "\n")
             image_id = len(coco_images) + 1
             coco_images.append({"id": image_id, "file_name": path, "width": d["width"], "height": d["height"],
@@ -262,11 +263,12 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
                     "attributes": {n: a["value"] for n, a in g["answers"].items() if a["reason"] is None}})
             split = "val" if every and (image_id - 1) % every == 0 else "train"  # the first image is val
             _yolo_item(yolo, split, d, kept, path, image_id, classes)
-    names = list(classes)
+    by_index = {i: c for c, i in classes.items()}
+    names = [by_index.get(i, f"class{i}") for i in range(max(by_index, default=-1) + 1)]
     (yolo / "data.yaml").write_text(f"path: {(final / 'yolo').resolve()}\ntrain: images/train\nval: images/val\nnames:\n"
                                     + "".join(f"  {i}: {json.dumps(c)}\n" for i, c in enumerate(names)))
     coco = {"images": coco_images, "annotations": coco_annotations,
-            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(names)]}
+            "categories": [{"id": i + 1, "name": c} for i, c in sorted(by_index.items())]}
     (dest / "coco.json").write_text(json.dumps(coco))
     manifest = {**(manifest or {}), "counts": counts.as_dict(), "images_exported": len(coco_images),
                 "images_skipped": dict(skipped), "classes": names}
@@ -274,6 +276,16 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
     shutil.rmtree(final, ignore_errors=True)  # the previous export (another policy) goes
     dest.rename(final)
     return manifest
+
+
+def _class_index(classes: dict[str, int], label: str, class_id: int) -> int:
+    """A label's index in the YOLO and COCO exports: the detector's own class id when it has one
+    (so that the export fine-tunes the detector that made it without scrambling its head, and sits
+    beside data labelled in the detector's classes), else (a person's label) the lowest free one."""
+    if label not in classes:
+        used = set(classes.values())
+        classes[label] = class_id if class_id >= 0 and class_id not in used else min(set(range(len(used) + 1)) - used)
+    return classes[label]
 
 
 def _conversation(d: dict, kept: list[dict], path: str, templates) -> dict:

@@ -122,6 +122,33 @@ def test_the_yolo_set_trains_an_ultralytics_detector_for_an_epoch(output, tmp_pa
     assert (tmp_path / "yolo" / "weights" / "last.pt").is_file()
 
 
+def test_yolo_and_coco_classes_are_the_detectors_own_numbers(tmp_path):
+    """A detector's class ids stay its numbers (so the detector that made the labels fine-tunes on
+    them without its head scrambled); a person's label (no id) takes the lowest free number."""
+    from PIL import Image
+
+    from sinks.exports import write_exports
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+
+    def region(k, label, class_id):
+        return {"region_id": k, "label": label, "class_id": class_id, "box": [10.0 * k, 0.0, 10.0 * k + 10, 10.0],
+                "area": 100.0, "probability": 0.9, "reason": None, "answers": {}}
+
+    decisions = [{"image_id": "a", "uri": str(tmp_path / "a.png"), "width": 100, "height": 100, "relations": [],
+                  "regions": [region(0, "star", 3), region(1, "square", 1), region(2, "blob", -1),
+                              region(3, "star", 3)]}]
+    manifest = write_exports(tmp_path / "exports", decisions)
+    assert manifest["classes"] == ["blob", "square", "class2", "star"]
+    yaml = (tmp_path / "exports" / "yolo" / "data.yaml").read_text()
+    assert '  1: "square"\n' in yaml and '  3: "star"\n' in yaml and '  2: "class2"\n' in yaml
+    labels = [p.read_text().split() for p in (tmp_path / "exports" / "yolo" / "labels").glob("*/*.txt")]
+    assert [line[::5] for line in labels] == [["3", "1", "0", "3"]]
+    coco = json.loads((tmp_path / "exports" / "coco.json").read_text())
+    assert [a["category_id"] for a in coco["annotations"]] == [4, 2, 1, 4]
+    assert coco["categories"] == [{"id": 1, "name": "blob"}, {"id": 2, "name": "square"}, {"id": 4, "name": "star"}]
+
+
 def test_the_coco_json_is_a_source_the_caption_job_reads(output):
     from jobs.sources import open_source
 
