@@ -47,8 +47,8 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
 
 
-def stage(work: Path, name: str):
-    """Decorator-free stage marker: ``done(name)`` exists once the stage finished."""
+def stage(work: Path, name: str) -> Path:
+    """A stage's marker: written when the stage finished (with what it measured)."""
     return work / "done" / f"{name}.json"
 
 
@@ -239,14 +239,17 @@ def _move(src: Path, dest: Path) -> None:
     src.rename(dest)
 
 
-def evaluate_arm(work: Path, arm: str, model: Path, detector: Path) -> dict:
-    out = work / "scores" / f"{arm}.json"
-    if done(work, f"scores-{arm}"):
+def evaluate_arm(work: Path, arm: str, model: Path, detector: Path, scenes: str = "heldout") -> dict:
+    """``roiscribe evaluate`` of an arm on the held-out scenes (the result) or on the validation
+    scenes (``scenes="val"``: where choices about the loop may be made)."""
+    name = arm if scenes == "heldout" else f"{scenes}-{arm}"
+    out = work / "scores" / f"{name}.json"
+    if done(work, f"scores-{name}"):
         return json.loads(out.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(["roiscribe", "evaluate", "--data", str(work / "worlds" / "heldout"), "--model", str(model),
+    run(["roiscribe", "evaluate", "--data", str(work / "worlds" / scenes), "--model", str(model),
          "--detector", f"yolo:{detector}", "--json", str(out)], env={"PYTHONUNBUFFERED": "1"})
-    finish(work, f"scores-{arm}")
+    finish(work, f"scores-{name}")
     return json.loads(out.read_text())
 
 
@@ -256,11 +259,12 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def report(work: Path) -> str:
+def report(work: Path, scenes: str = "heldout") -> str:
+    prefix = "" if scenes == "heldout" else f"{scenes}-"
     rows = ["| arm | detector mAP50 | colour | shape | material | size | relation | with the arm's detector: "
             "colour / shape / material / relation |", "|---|---|---|---|---|---|---|---|"]
     for arm, what in ARMS.items():
-        path = work / "scores" / f"{arm}.json"
+        path = work / "scores" / f"{prefix}{arm}.json"
         if not path.is_file():
             rows.append(f"| ({arm}) {what} | not measured yet | | | | | | |")
             continue
@@ -270,7 +274,7 @@ def report(work: Path) -> str:
                     + " | ".join(_num(gt.get(k)) for k in ("color", "shape", "material", "size", "relation"))
                     + " | " + " / ".join(_num(det.get(k)) for k in ("color", "shape", "material", "relation")) + " |")
     pseudo = done(work, "pseudo")
-    if pseudo:
+    if pseudo and scenes == "heldout":
         rows += ["", "pseudo-labels (accepted of proposed): " + "; ".join(
             f"{kind}: " + ", ".join(f"{k} {c['accepted']}/{c['proposed']}" for k, c in counts.items())
             for kind, counts in pseudo["counts"].items()), f"thresholds (tuned on validation): {pseudo['thresholds']}"]
@@ -296,7 +300,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = args.work
     if args.report:
-        print(report(work))
+        print(report(work) + "\n\nvalidation scenes:\n\n" + report(work, "val"))
         return 0
     work.mkdir(parents=True, exist_ok=True)
     (work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
@@ -317,8 +321,12 @@ def main(argv=None) -> int:
         gpt = train_gpt4roi(work, arm, base + [str(pseudo / "conversations.jsonl")], [w, w, 1.0], init, args)
         models[arm] = (gpt, det)
     for arm, (gpt, det) in models.items():
+        evaluate_arm(work, arm, gpt, det, "val")
+    for arm, (gpt, det) in models.items():
         evaluate_arm(work, arm, gpt, det)
-    table = report(work)
+    table = (f"Held-out scenes ({args.heldout}, seeds {SEEDS['heldout']:,} on):\n\n{report(work)}\n\n"
+             f"Validation scenes ({args.val}, seeds {SEEDS['val']:,} on; calibration and thresholds were fitted "
+             f"there):\n\n{report(work, 'val')}")
     (work / "table.md").write_text(table + "\n")
     print(table)
     return 0
