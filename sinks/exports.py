@@ -119,7 +119,10 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
             baseline = math.exp(min(answer.mean_logprob, 0.0))
             p = (_probability(calibration, name, signals[name], answer.probability, baseline) if name in signals
                  else answer.probability if answer.probability is not None else baseline)
-            answers[name] = {"value": answer.value, "probability": p, "reason": None}
+            # "said": the words the model answered (what the conversations export teaches: the
+            # vocabulary's canonical value, e.g. "none" for "nothing", may not be how it was taught)
+            answers[name] = {"value": answer.value, "said": answer.raw.strip() or answer.value, "probability": p,
+                             "reason": None}
         regions.append({"region_id": r, "label": result.regions.class_names[r],
                         "class_id": int(result.regions.class_ids[r]), "box": [x1, y1, x2, y2],
                         "area": max(x2 - x1, 0.0) * max(y2 - y1, 0.0), "probability": region_p,
@@ -301,9 +304,9 @@ def _conversation(d: dict, kept: list[dict], path: str, templates) -> dict:
             if a["reason"] is not None:
                 continue
             if name == "caption":
-                ask(templates.caption_brief, [k], a["value"])
+                ask(templates.caption_brief, [k], a.get("said") or a["value"])
             elif name in templates.attributes:
-                ask(templates.attributes[name], [k], a["value"])
+                ask(templates.attributes[name], [k], a.get("said") or a["value"])
     for rel in d["relations"]:
         if rel["reason"] is None:
             ask(templates.relation, [number[rel["subject"]], number[rel["object"]]],

@@ -122,6 +122,26 @@ def test_the_yolo_set_trains_an_ultralytics_detector_for_an_epoch(output, tmp_pa
     assert (tmp_path / "yolo" / "weights" / "last.pt").is_file()
 
 
+def test_the_conversations_teach_the_words_the_model_said(tmp_path):
+    """An answer parsed to its vocabulary's canonical value ("nothing" -> "none") is exported as the
+    model said it: the student learns the teacher's phrasing, not the parser's."""
+    from PIL import Image
+
+    from sinks.exports import write_exports
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    regions = Regions.from_boxes([[0, 0, 50, 50]], ["circle"], scores=[0.9])
+    answers = [{"action": Answer("none", " nothing", "ok", -0.01, -0.01), "color": _answer("red", 0.95)}]
+    row = result_to_row(ImageResult(str(tmp_path / "a.png"), str(tmp_path / "a.png"), "ok", width=100, height=100,
+                                    regions=regions, answers=answers))
+    d = decide(row, Policy())
+    assert d["regions"][0]["answers"]["action"]["value"] == "none"
+    write_exports(tmp_path / "exports", [d])
+    turns = json.loads((tmp_path / "exports" / "conversations.jsonl").read_text())["conversations"]
+    said = {q["value"]: a["value"] for q, a in zip(turns[::2], turns[1::2])}
+    assert said == {"What is <region1> doing?": "nothing", "What is the color of <region1>?": "red"}
+
+
 def test_yolo_and_coco_classes_are_the_detectors_own_numbers(tmp_path):
     """A detector's class ids stay its numbers (so the detector that made the labels fine-tunes on
     them without its head scrambled); a person's label (no id) takes the lowest free number."""
