@@ -55,8 +55,9 @@ def stage(work: Path, name: str) -> Path:
 def finish(work: Path, name: str, info: dict | None = None) -> dict:
     path = stage(work, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info or {}, indent=2))
-    return info or {}
+    info = {**(info or {}), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}  # never empty: an empty marker is falsy
+    path.write_text(json.dumps(info, indent=2))
+    return info
 
 
 def done(work: Path, name: str) -> dict | None:
@@ -179,7 +180,7 @@ def train_gpt4roi(work: Path, arm: str, data: list[str], weights: list[float], i
                       save_every=100, keep_checkpoints=2, seed=0)
     started = time.time()
     log(f"GPT4RoI arm {arm}: {args.steps} steps on {data} (weights {weights})")
-    checkpoint = train(cfg, progress=False)
+    checkpoint = train(cfg, progress=True)  # the bar (loss, LR) goes to the log
     assert latest_checkpoint(out) == checkpoint
     finish(work, f"gpt4roi-{arm}", {"checkpoint": str(checkpoint), "seconds": time.time() - started})
     return checkpoint
