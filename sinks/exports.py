@@ -119,10 +119,7 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
             baseline = math.exp(min(answer.mean_logprob, 0.0))
             p = (_probability(calibration, name, signals[name], answer.probability, baseline) if name in signals
                  else answer.probability if answer.probability is not None else baseline)
-            # "said": the words the model answered (what the conversations export teaches: the
-            # vocabulary's canonical value, e.g. "none" for "nothing", may not be how it was taught)
-            answers[name] = {"value": answer.value, "said": answer.raw.strip() or answer.value, "probability": p,
-                             "reason": None}
+            answers[name] = {"value": answer.value, "said": _said(name, answer), "probability": p, "reason": None}
         regions.append({"region_id": r, "label": result.regions.class_names[r],
                         "class_id": int(result.regions.class_ids[r]), "box": [x1, y1, x2, y2],
                         "area": max(x2 - x1, 0.0) * max(y2 - y1, 0.0), "probability": region_p,
@@ -151,6 +148,16 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
                           "probability": p, "reason": reason})
     return {"image_id": result.image_id, "uri": result.uri, "width": result.width, "height": result.height,
             "regions": regions, "relations": relations}
+
+
+def _said(name: str, answer) -> str:
+    """What the conversations export teaches for an answer: the model's own words when the whole of
+    them is a spelling of the parsed value (the canonical value, e.g. "none" for "nothing", may not be
+    how the model was taught), else the parsed value (never the extra words of a run-on answer)."""
+    from pipeline.review import vocabulary_value
+
+    raw = answer.raw.strip()
+    return raw if raw == answer.value or vocabulary_value(name, raw) == answer.value else answer.value
 
 
 def _apply_region_policy(regions: list[dict], policy: Policy) -> None:

@@ -131,7 +131,8 @@ def test_the_conversations_teach_the_words_the_model_said(tmp_path):
 
     Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
     regions = Regions.from_boxes([[0, 0, 50, 50]], ["circle"], scores=[0.9])
-    answers = [{"action": Answer("none", " nothing", "ok", -0.01, -0.01), "color": _answer("red", 0.95)}]
+    answers = [{"action": Answer("none", " nothing", "ok", -0.01, -0.01), "color": _answer("red", 0.95),
+                "material": Answer("wood", "wood stone triangle", "ok", -0.01, -0.01)}]  # a run-on answer
     row = result_to_row(ImageResult(str(tmp_path / "a.png"), str(tmp_path / "a.png"), "ok", width=100, height=100,
                                     regions=regions, answers=answers))
     d = decide(row, Policy())
@@ -139,7 +140,8 @@ def test_the_conversations_teach_the_words_the_model_said(tmp_path):
     write_exports(tmp_path / "exports", [d])
     turns = json.loads((tmp_path / "exports" / "conversations.jsonl").read_text())["conversations"]
     said = {q["value"]: a["value"] for q, a in zip(turns[::2], turns[1::2])}
-    assert said == {"What is <region1> doing?": "nothing", "What is the color of <region1>?": "red"}
+    assert said == {"What is <region1> doing?": "nothing", "What is the color of <region1>?": "red",
+                    "What is <region1> made of?": "wood"}
 
 
 def test_yolo_and_coco_classes_are_the_detectors_own_numbers(tmp_path):
