@@ -187,51 +187,54 @@ def train_gpt4roi(work: Path, arm: str, data: list[str], weights: list[float], i
 
 
 def calibrate(work: Path, model: Path, detector: Path, args) -> tuple[Path, dict[str, float]]:
-    """Fit on 70 % of the validation scenes' answers, thresholds on the other 30 %."""
+    """Fit on 70 % of the validation scenes' answers, thresholds on the other 30 %; on the proposals
+    the filtered pseudo-label job keeps (detector score >= ``--proposal-score``)."""
     from jobs.config import DetectorSpec
     from model.checkpoint import load_model
-    from pipeline.calibrate import Calibration, evaluate, signal_report, split, thresholds_for_precision
+    from pipeline.postprocess import PostProcess
     from pipeline.stages import PipelineConfig
-    from synth.calibrate import world_examples_of
+    from synth.calibrate import calibrate_world
     from synth.evaluate import read_ground_truth
 
     path = work / "calibration.json"
     info = done(work, "calibration")
     if info:
         return path, info["thresholds"]
-    truths = read_ground_truth(work / "worlds" / "val")
-    examples, images = world_examples_of(truths, load_model(str(model)), PipelineConfig(),
-                                         DetectorSpec(f"yolo:{detector}", "cpu").build())
-    fit, check = split(examples, images, 0.3, 0)
-    calibration = Calibration.fit(fit)
-    calibration.metrics = {"checked": evaluate(calibration, check), "signals_auroc": signal_report(check),
-                           "how": "fitted on 70% of the validation scenes' answers, checked on the other 30%"}
-    calibration.fitted_on = {"images": len(truths), "answers": len(fit), "model": str(model), "detector": str(detector)}
+    calibration = calibrate_world(read_ground_truth(work / "worlds" / "val"), load_model(str(model)),
+                                  PipelineConfig(postprocess=PostProcess(score_threshold=args.proposal_score)),
+                                  DetectorSpec(f"yolo:{detector}", "cpu").build(), None, 0.3, 0,
+                                  precision=args.precision)
+    calibration.fitted_on |= {"model": str(model), "detector": str(detector), "score_threshold": args.proposal_score}
     calibration.save(path)
-    thresholds = thresholds_for_precision(calibration, check, args.precision)
-    finish(work, "calibration", {"thresholds": thresholds, "precision": args.precision,
+    finish(work, "calibration", {"thresholds": calibration.thresholds, "precision": args.precision,
                                  "metrics": calibration.metrics["checked"]})
-    return path, thresholds
+    return path, calibration.thresholds
 
 
-def pseudo_label(work: Path, model: Path, detector: Path, calibration: Path, thresholds: dict[str, float]) -> dict:
-    """The pool through ``roiscribe pseudo-label`` (filtered), then ``roiscribe export`` of the same
-    rows with every threshold 0 (unfiltered); each export moved to its own folder."""
+def pseudo_label(work: Path, model: Path, detector: Path, calibration: Path, thresholds: dict[str, float],
+                 args) -> dict:
+    """The pool through ``roiscribe pseudo-label`` twice: filtered (proposals down to
+    ``--proposal-score``, the calibration and its tuned thresholds, proposals not kept masked out of
+    the YOLO images) and unfiltered (what peers do: the job's default proposals, every one kept).
+    Each export is moved to its own folder."""
     info = done(work, "pseudo")
     if info:
         return info
-    pool, out = work / "worlds" / "pool" / "images", work / "pool"
-    flags = [f"--min-probability={k}={v}" for k, v in sorted(thresholds.items())]
-    run(["roiscribe", "pseudo-label", str(pool), "--out", str(out), "--model", str(model),
-         "--detector", f"yolo:{detector}", "--calibration", str(calibration), "--runner", "local", "--resume",
-         *flags])
-    _move(out / "exports", work / "pseudo" / "filtered")
-    run(["roiscribe", "export", str(out), *[f"--min-probability={k}=0" for k in
-                                            ("region", "caption", "color", "shape", "material", "relation", "action")]])
-    _move(out / "exports", work / "pseudo" / "unfiltered")
+    pool = work / "worlds" / "pool" / "images"
+    common = ["--model", str(model), "--detector", f"yolo:{detector}", "--runner", "local", "--resume"]
+    run(["roiscribe", "pseudo-label", str(pool), "--out", str(work / "pool-filtered"), *common,
+         "--calibration", str(calibration), "--score-threshold", str(args.proposal_score),
+         *(["--mask-rejected"] if args.mask_rejected else []),
+         *[f"--min-probability={k}={v}" for k, v in sorted(thresholds.items())]])
+    _move(work / "pool-filtered" / "exports", work / "pseudo" / "filtered")
+    run(["roiscribe", "pseudo-label", str(pool), "--out", str(work / "pool"), *common,
+         *[f"--min-probability={k}=0" for k in ("region", "caption", "color", "shape", "material", "relation",
+                                                "action")]])
+    _move(work / "pool" / "exports", work / "pseudo" / "unfiltered")
     counts = {kind: json.loads((work / "pseudo" / kind / "manifest.json").read_text())["counts"]
               for kind in ("filtered", "unfiltered")}
-    return finish(work, "pseudo", {"thresholds": thresholds, "counts": counts})
+    return finish(work, "pseudo", {"thresholds": thresholds, "counts": counts, "proposal_score": args.proposal_score,
+                                   "mask_rejected": args.mask_rejected})
 
 
 def _move(src: Path, dest: Path) -> None:
@@ -293,7 +296,15 @@ def main(argv=None) -> int:
     p.add_argument("--detector-epochs", type=int, default=6, help="epochs over --detector-images, every arm")
     p.add_argument("--detector-images", type=int, default=2500, help="images per detector epoch, every arm")
     p.add_argument("--labelled-weight", type=int, default=5,
-                   help="times the labelled data is seen per epoch beside the pool (arms b and c)")
+                   help="detector: times the labelled images are seen per epoch beside the pool (arms b and c)")
+    p.add_argument("--gpt-labelled-weight", type=float, default=15.0,
+                   help="GPT4RoI: weight of the labelled conversations beside the pool's (arms b and c; 5 left "
+                        "the labelled captions too small a share: arm (c) lost the size word on validation)")
+    p.add_argument("--proposal-score", type=float, default=0.05,
+                   help="detector score down to which the filtered pseudo-label job proposes regions (and its "
+                        "calibration is fitted); the calibrated policy decides what is kept")
+    p.add_argument("--no-mask-rejected", dest="mask_rejected", action="store_false",
+                   help="leave the proposals not kept unmasked in the filtered YOLO export")
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--precision", type=float, default=0.95,
                    help="kept answers' precision on validation that the thresholds aim at")
@@ -313,11 +324,11 @@ def main(argv=None) -> int:
     det_a = train_detector(work, "a", yolo_list(work, "a", None, 1, args.detector_images), args)
     gpt_a = train_gpt4roi(work, "a", base, [1.0, 1.0], init, args)
     cal, thresholds = calibrate(work, gpt_a, det_a, args)
-    pseudo_label(work, gpt_a, det_a, cal, thresholds)
+    pseudo_label(work, gpt_a, det_a, cal, thresholds, args)
     models = {"a": (gpt_a, det_a)}
     for arm, kind in (("b", "unfiltered"), ("c", "filtered")):
         pseudo = work / "pseudo" / kind
-        w = float(args.labelled_weight)
+        w = float(args.gpt_labelled_weight)
         det = train_detector(work, arm, yolo_list(work, arm, pseudo, args.labelled_weight, args.detector_images), args)
         gpt = train_gpt4roi(work, arm, base + [str(pseudo / "conversations.jsonl")], [w, w, 1.0], init, args)
         models[arm] = (gpt, det)

@@ -50,6 +50,9 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-class", type=int, default=None, help="regions kept per class and image")
     p.add_argument("--val-fraction", type=float, default=0.1, help="images of the YOLO export kept for "
                                                                    "validation (default 0.1)")
+    p.add_argument("--mask-rejected", action="store_true",
+                   help="YOLO export: paint out the proposals not kept (masked PNG copies of those images), so "
+                        "that objects the teacher was unsure of are not taught as background")
 
 
 def _non_negative_int(text: str) -> int:
@@ -259,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also tune a threshold per kind on the checked answers: the lowest probability at "
                                 "which the answers kept are right this often (e.g. 0.95); written into the "
                                 "calibration, where export and pseudo-label take them as their defaults")
+    calibrate.add_argument("--score-threshold", type=float, default=0.25,
+                           help="detector score kept (default 0.25): fit on the proposals the job that uses the "
+                                "calibration keeps (e.g. a pseudo-label job run with a lower --score-threshold)")
     calibrate.add_argument("--batch-size", type=int, default=8, help="images per describe batch")
     _add_model_args(calibrate)
 
@@ -644,8 +650,9 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from jobs.config import DetectorSpec
     from pipeline.calibrate import format_report
-    from synth.calibrate import calibrate_world
+    from pipeline.postprocess import PostProcess
     from pipeline.stages import PipelineConfig
+    from synth.calibrate import calibrate_world
     from synth.evaluate import read_ground_truth
 
     spec = _model_spec(args)
@@ -665,11 +672,13 @@ def cmd_calibrate(args) -> int:
     check = read_ground_truth(args.check, args.limit) if args.check else None
     _check_detector(args.detector or "demo")
     detector = DetectorSpec(args.detector or "demo", spec.device).build()
-    config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size)
+    config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size,
+                            postprocess=PostProcess(score_threshold=args.score_threshold))
     calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed, args.jitter,
                                   args.precision)
     calibration.fitted_on |= {"data": str(args.data), "check": str(args.check) if args.check else None,
-                              "model": spec.spec, "detector": args.detector or "demo"}
+                              "model": spec.spec, "detector": args.detector or "demo",
+                              "score_threshold": args.score_threshold}
     print(format_report(calibration.metrics["checked"], calibration.metrics["signals_auroc"]))
     print(f"({calibration.metrics['how']}; fitted on {calibration.fitted_on['answers']} answers)")
     if calibration.thresholds:
@@ -718,7 +727,8 @@ def _export(out: Path, args, calibration, calibration_path: str | None, tuned_by
             thresholds[kind] = float(value)
         except ValueError:
             raise UsageError(f"--min-probability {item}: expected KIND=P with P a number in [0, 1]") from None
-    policy = Policy(thresholds, args.min_area, args.max_per_image, args.max_per_class, args.val_fraction)
+    policy = Policy(thresholds, args.min_area, args.max_per_image, args.max_per_class, args.val_fraction,
+                    args.mask_rejected)
     manifest = export(out, policy, calibration, calibration_path)
     print(f"exported {manifest['images_exported']} images to {out / 'exports'} ({manifest['probability']})")
     for kind in (*KINDS, "action"):

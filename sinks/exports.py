@@ -9,7 +9,11 @@ part at a time) and writes ``OUT/exports/``:
   pipeline asks (``pipeline.compose.Templates``);
 * ``yolo/``: a YOLO dataset ultralytics trains on (``data.yaml``, ``images/{train,val}`` linked to
   the original files, ``labels/{train,val}``), classes numbered by the detector's own class ids (a
-  person's labels, which have none: the lowest free numbers; a number nobody kept: ``classN``);
+  person's labels, which have none: the lowest free numbers; a number nobody kept: ``classN``).
+  With ``Policy.mask_rejected`` an image with proposals the policy did not keep is written as a PNG
+  copy with those boxes painted out (outside every kept box) in the colours around them: YOLO has no
+  "ignore" label, and a rejected proposal is often a real object the teacher was unsure of, which an
+  unmasked image would teach the student is background;
 * ``coco.json``: COCO detection json (boxes ``[x, y, w, h]`` in pixels, each annotation with its
   score, probability and attributes), which ``roiscribe caption`` reads back as a source;
 * ``decisions.jsonl``: per image, every proposed region, answer and relation with its probability,
@@ -56,6 +60,7 @@ class Policy:
     max_per_image: int | None = None  # regions kept per image, the most probable first
     max_per_class: int | None = None  # regions kept per class and image, the most probable first
     val_fraction: float = 0.1  # images of the YOLO export kept for validation: every 1/val_fraction-th, the first included
+    mask_rejected: bool = False  # YOLO export: paint out the proposals not kept (see the module docstring)
 
     def threshold(self, kind: str) -> float:
         return float(self.min_probability.get(kind, 0.5))
@@ -222,14 +227,16 @@ def export(out: str | Path, policy: Policy = Policy(), calibration=None, calibra
              "probability": "calibrated" if calibration is not None else
                             "the rows' calibrated probabilities where they have them, else uncalibrated: "
                             "exp(mean token log-prob); regions: detector score"}
-    return write_exports(Path(out) / "exports", decisions(), policy.val_fraction, extra, skipped)
+    return write_exports(Path(out) / "exports", decisions(), policy.val_fraction, extra, skipped,
+                         policy.mask_rejected)
 
 
 def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 0.1, manifest: dict | None = None,
-                  skipped: Counter | None = None) -> dict:
+                  skipped: Counter | None = None, mask_rejected: bool = False) -> dict:
     """The training exports of ``decisions`` (``decide``'s records: what is accepted has no
     ``reason``) under ``final``: built in a sibling folder, then swapped in whole. Returns the
-    manifest (``manifest``'s fields, the counts, the images exported and skipped, the classes)."""
+    manifest (``manifest``'s fields, the counts, the images exported and skipped, the classes);
+    ``mask_rejected``: the YOLO images with proposals not kept are masked copies (module docstring)."""
     from pipeline.compose import Templates
 
     dest = final.with_name(final.name + ".partial")
@@ -244,6 +251,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
     coco_images, coco_annotations = [], []
     skipped = skipped if skipped is not None else Counter()
     every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    masked = 0
     with (open(dest / "conversations.jsonl", "w") as conv, open(dest / "decisions.jsonl", "w") as log):
         for d in decisions:
             log.write(json.dumps(d) + "\n")
@@ -272,7 +280,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
                     "score": g["probability"],
                     "attributes": {n: a["value"] for n, a in g["answers"].items() if a["reason"] is None}})
             split = "val" if every and (image_id - 1) % every == 0 else "train"  # the first image is val
-            _yolo_item(yolo, split, d, kept, path, image_id, classes)
+            masked += _yolo_item(yolo, split, d, kept, path, image_id, classes, mask_rejected)
     by_index = {i: c for c, i in classes.items()}
     names = [by_index.get(i, f"class{i}") for i in range(max(by_index, default=-1) + 1)]
     (yolo / "data.yaml").write_text(f"path: {(final / 'yolo').resolve()}\ntrain: images/train\nval: images/val\nnames:\n"
@@ -282,6 +290,8 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
     (dest / "coco.json").write_text(json.dumps(coco))
     manifest = {**(manifest or {}), "counts": counts.as_dict(), "images_exported": len(coco_images),
                 "images_skipped": dict(skipped), "classes": names}
+    if mask_rejected:
+        manifest["yolo_images_masked"] = masked
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(final, ignore_errors=True)  # the previous export (another policy) goes
     dest.rename(final)
@@ -322,12 +332,24 @@ def _conversation(d: dict, kept: list[dict], path: str, templates) -> dict:
             "conversations": turns, "roiscribe_image_id": d["image_id"]}
 
 
-def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: int, classes: dict) -> None:
-    name = f"{n:08d}{Path(path).suffix.lower() or '.png'}"
+def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: int, classes: dict,
+               mask_rejected: bool = False) -> int:
+    """One image of the YOLO export (a link to the original, or with ``mask_rejected`` and proposals
+    not kept, a masked PNG copy) and its labels; returns 1 when the image was masked."""
+    rejected = [g["box"] for g in d["regions"] if g["reason"] is not None] if mask_rejected else []
+    name = f"{n:08d}{'.png' if rejected else Path(path).suffix.lower() or '.png'}"
     target = yolo / "images" / split / name
     if target.is_symlink() or target.exists():
         target.unlink()
-    target.symlink_to(os.path.abspath(path))
+    if rejected:
+        from PIL import Image
+
+        from pipeline.decode import ImageSource, decode_image
+
+        array = decode_image(ImageSource(path)).array  # the pixels the boxes were drawn on (EXIF-rotated)
+        Image.fromarray(mask_boxes(array, rejected, [g["box"] for g in kept], seed=n)).save(target)
+    else:
+        target.symlink_to(os.path.abspath(path))
     w, h = d["width"], d["height"]
     lines = []
     for g in kept:
@@ -335,3 +357,35 @@ def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: 
         lines.append(f"{classes[g['label']]} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
                      f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
     (yolo / "labels" / split / (Path(name).stem + ".txt")).write_text("\n".join(lines) + "\n")
+    return int(bool(rejected))
+
+
+def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3):
+    """A copy of ``array`` (H, W, 3 uint8) with every box of ``boxes`` painted out, except where a box
+    of ``keep`` covers it: each box is filled with the mean colour of a ``ring``-pixel band around it
+    (outside the kept boxes), with noise of the band's spread, so that it reads as the background
+    around it rather than as a flat patch (deterministic for a ``seed``)."""
+    import numpy as np
+
+    out = array.copy()
+    h, w = out.shape[:2]
+    protected = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in keep:
+        protected[max(int(y1), 0):max(int(np.ceil(y2)), 0), max(int(x1), 0):max(int(np.ceil(x2)), 0)] = True
+    rng = np.random.default_rng(seed)
+    for x1, y1, x2, y2 in boxes:
+        a, b = min(max(int(x1), 0), w), min(max(int(np.ceil(x2)), 0), w)
+        c, e = min(max(int(y1), 0), h), min(max(int(np.ceil(y2)), 0), h)
+        if a >= b or c >= e:
+            continue
+        inside = np.zeros((h, w), bool)
+        inside[c:e, a:b] = True
+        band = np.zeros((h, w), bool)
+        band[max(c - ring, 0):min(e + ring, h), max(a - ring, 0):min(b + ring, w)] = True
+        band &= ~inside & ~protected
+        pixels = array[band] if band.any() else array.reshape(-1, array.shape[-1])
+        mean, spread = pixels.mean(0), pixels.std(0)
+        paint = inside & ~protected
+        fill = mean + rng.standard_normal((int(paint.sum()), array.shape[-1])) * spread
+        out[paint] = np.clip(np.rint(fill), 0, 255).astype(out.dtype)
+    return out

@@ -95,6 +95,13 @@ def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
     assert set(calibration.thresholds) == set(calibration.metrics["checked"]) - {"all"}
     assert all(0 <= t < 1 and round(t * 20, 6) == int(round(t * 20)) for t in calibration.thresholds.values())
     assert "thresholds for precision 0.9 on the checked answers: " in r.stdout
+    # fitted on the proposals a job with a lower --score-threshold keeps: more regions asked about
+    low = tmp_path / "low.json"
+    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(low), "--score-threshold", "0.01")
+    assert r.returncode == 0, r.stderr
+    fitted = Calibration.load(low)
+    assert fitted.fitted_on["score_threshold"] == 0.01 and calibration.fitted_on["score_threshold"] == 0.25
+    assert fitted.fitted_on["answers"] > calibration.fitted_on["answers"]
     r = run("calibrate", "--data", str(world))  # the shipped model is no directory to write next to
     assert r.returncode == 2 and "pass --out FILE" in r.stderr
 

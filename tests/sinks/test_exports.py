@@ -171,6 +171,44 @@ def test_yolo_and_coco_classes_are_the_detectors_own_numbers(tmp_path):
     assert coco["categories"] == [{"id": 1, "name": "blob"}, {"id": 2, "name": "square"}, {"id": 4, "name": "star"}]
 
 
+def test_mask_rejected_paints_out_the_proposals_not_kept_and_only_those(tmp_path):
+    """With ``mask_rejected`` an image with a rejected proposal is a PNG copy in which that box (but
+    not where a kept box covers it) is the background around it; an image with nothing rejected
+    stays a link to the original; without the option every image is a link."""
+    import numpy as np
+    from PIL import Image
+
+    from sinks.exports import write_exports
+
+    pixels = np.full((100, 100, 3), 40, np.uint8)
+    pixels[10:40, 10:40] = (250, 0, 0)  # the rejected object
+    pixels[30:60, 30:60] = (0, 250, 0)  # the kept one, overlapping it
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "b.png")
+
+    def region(k, box, reason):
+        return {"region_id": k, "label": "square", "class_id": 0, "box": box, "area": 900.0,
+                "probability": 0.9 if reason is None else 0.2, "reason": reason, "answers": {}}
+
+    decisions = [{"image_id": "a", "uri": str(tmp_path / "a.png"), "width": 100, "height": 100, "relations": [],
+                  "regions": [region(0, [30.0, 30.0, 60.0, 60.0], None),
+                              region(1, [10.0, 10.0, 40.0, 40.0], "probability 0.20 < 0.50")]},
+                 {"image_id": "b", "uri": str(tmp_path / "b.png"), "width": 100, "height": 100, "relations": [],
+                  "regions": [region(0, [30.0, 30.0, 60.0, 60.0], None)]}]
+    manifest = write_exports(tmp_path / "exports", decisions, val_fraction=0, mask_rejected=True)
+    assert manifest["yolo_images_masked"] == 1
+    a, b = sorted((tmp_path / "exports" / "yolo" / "images" / "train").iterdir())
+    assert not a.is_symlink() and a.suffix == ".png" and b.is_symlink()
+    masked = np.asarray(Image.open(a).convert("RGB"))
+    assert (masked[30:60, 30:60] == pixels[30:60, 30:60]).all()  # the kept box untouched
+    assert (masked[60:] == pixels[60:]).all() and (masked[:, 60:] == pixels[:, 60:]).all()  # outside untouched
+    painted = masked[10:30, 10:30].astype(float)
+    assert abs(painted.mean((0, 1)) - 40).max() < 3  # the red object is now the grey around it
+    assert (tmp_path / "exports" / "yolo" / "labels" / "train" / f"{a.stem}.txt").read_text().count("\n") == 1
+    write_exports(tmp_path / "exports", decisions, val_fraction=0)
+    assert all(p.is_symlink() for p in (tmp_path / "exports" / "yolo" / "images" / "train").iterdir())
+
+
 def test_the_coco_json_is_a_source_the_caption_job_reads(output):
     from jobs.sources import open_source
 
@@ -185,10 +223,12 @@ def test_the_coco_json_is_a_source_the_caption_job_reads(output):
 def test_the_export_command(output, capsys):
     from jobs.cli import main
 
-    assert main(["export", str(output), "--min-probability", "relation=0.95", "--max-per-image", "2"]) == 0
+    assert main(["export", str(output), "--min-probability", "relation=0.95", "--max-per-image", "2",
+                 "--mask-rejected"]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((output / "exports" / "manifest.json").read_text())
     assert manifest["policy"]["min_probability"]["relation"] == 0.95 and manifest["policy"]["max_per_image"] == 2
+    assert manifest["policy"]["mask_rejected"] and manifest["yolo_images_masked"] > 0
     assert f"exported {manifest['images_exported']} images" in printed and "region" in printed
     assert main(["export", str(output), "--min-probability", "colour=0.5"]) == 2
     assert "unknown kind 'colour'" in capsys.readouterr().err
