@@ -28,10 +28,14 @@ log-prob)``; a region: its detector score).
 
 The policy (:class:`Policy`): a region is kept when its probability reaches the threshold of
 ``region``, its area the minimum, and it is among the ``max_per_image`` most probable regions of
-its image and the ``max_per_class`` most probable of its class there; an answer of a kept region
-when its probability reaches its kind's threshold; a relation when both its regions are kept and
-its probability reaches ``relation``'s. Thresholds are tuned on labelled validation data, never on
-the data a gain is measured on.
+its image and the ``max_per_class`` most probable of its class there; the detector exports (YOLO,
+COCO) take the kept regions. An answer is kept when its probability reaches its kind's threshold, a
+relation likewise, and neither belongs to a region the area or a cap removed. A region below the
+``region`` threshold (a box whose class may be wrong) loses its answers too when they are
+uncalibrated; a calibrated answer's probability already counts an answer about no object as wrong,
+so it is judged on its own: GPT4RoI's conversations keep confident answers about boxes the
+detector exports leave out. Thresholds are tuned on labelled validation data, never on the data a
+gain is measured on.
 """
 
 from __future__ import annotations
@@ -92,14 +96,14 @@ def _reason_key(reason: str) -> str:
 
 # Decisions for one row -------------------------------------------------------------------------------
 
-def _probability(calibration, kind: str, features: dict, stored: float | None, baseline: float) -> float:
+def _probability(calibration, kind: str, features: dict, stored: float | None, baseline: float) -> tuple[float, bool]:
     """The calibration's probability when one is given; else the probability the row holds (the
-    job's calibration); else the uncalibrated confidence."""
+    job's calibration); else the uncalibrated confidence. With whether it is calibrated."""
     if calibration is not None:
         p = calibration.probability(kind, features)
         if p is not None:
-            return p
-    return stored if stored is not None else baseline
+            return p, True
+    return (stored, True) if stored is not None else (baseline, False)
 
 
 def decide(row: dict, policy: Policy, calibration=None) -> dict:
@@ -115,24 +119,29 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
         signals = region_signals(result, r)
         x1, y1, x2, y2 = (float(v) for v in result.regions.boxes[r])
         stored = result.region_probabilities[r] if r < len(result.region_probabilities) else None
-        region_p = _probability(calibration, "region", signals["region"], stored, float(result.regions.scores[r]))
+        region_p, _ = _probability(calibration, "region", signals["region"], stored, float(result.regions.scores[r]))
         answers = {}
         for name, answer in (result.answers[r] if r < len(result.answers) else {}).items():
             if answer.value is None:
                 answers[name] = {"value": None, "probability": None, "reason": f"unparsed: {answer.raw!r}"}
                 continue
             baseline = math.exp(min(answer.mean_logprob, 0.0))
-            p = (_probability(calibration, name, signals[name], answer.probability, baseline) if name in signals
-                 else answer.probability if answer.probability is not None else baseline)
-            answers[name] = {"value": answer.value, "said": _said(name, answer), "probability": p, "reason": None}
+            p, calibrated = (_probability(calibration, name, signals[name], answer.probability, baseline)
+                             if name in signals else _probability(None, name, {}, answer.probability, baseline))
+            answers[name] = {"value": answer.value, "said": _said(name, answer), "probability": p,
+                             "calibrated": calibrated, "reason": None}
         regions.append({"region_id": r, "label": result.regions.class_names[r],
                         "class_id": int(result.regions.class_ids[r]), "box": [x1, y1, x2, y2],
                         "area": max(x2 - x1, 0.0) * max(y2 - y1, 0.0), "probability": region_p,
                         "reason": None, "answers": answers})
     _apply_region_policy(regions, policy)
+
+    def region_rejected(region: dict, calibrated: bool) -> bool:  # see the module docstring
+        return region["reason"] is not None and (not calibrated or not region["reason"].startswith("probability"))
+
     for region in regions:
         for name, a in region["answers"].items():
-            if a["reason"] is None and region["reason"] is not None:
+            if a["reason"] is None and region_rejected(region, a.pop("calibrated")):
                 a["reason"] = "region-rejected"
             elif a["reason"] is None and a["probability"] < policy.threshold(name):
                 a["reason"] = f"probability {a['probability']:.2f} < {policy.threshold(name):.2f}"
@@ -142,10 +151,10 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
             relations.append({"subject": rel.subject, "object": rel.object, "predicate": None, "probability": None,
                               "reason": f"unparsed: {rel.raw!r}"})
             continue
-        p = _probability(calibration, "relation", relation_signals(result, rel), rel.probability,
-                         math.exp(min(rel.mean_logprob, 0.0)))
+        p, calibrated = _probability(calibration, "relation", relation_signals(result, rel), rel.probability,
+                                     math.exp(min(rel.mean_logprob, 0.0)))
         reason = None
-        if regions[rel.subject]["reason"] is not None or regions[rel.object]["reason"] is not None:
+        if region_rejected(regions[rel.subject], calibrated) or region_rejected(regions[rel.object], calibrated):
             reason = "region-rejected"
         elif p < policy.threshold("relation"):
             reason = f"probability {p:.2f} < {policy.threshold('relation'):.2f}"
@@ -251,7 +260,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
     coco_images, coco_annotations = [], []
     skipped = skipped if skipped is not None else Counter()
     every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
-    masked = 0
+    masked = conversations = 0
     with (open(dest / "conversations.jsonl", "w") as conv, open(dest / "decisions.jsonl", "w") as log):
         for d in decisions:
             log.write(json.dumps(d) + "\n")
@@ -262,13 +271,19 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
             for rel in d["relations"]:
                 counts.add("relation", rel["reason"])
             kept = [g for g in d["regions"] if g["reason"] is None]
+            in_relations = {i for rel in d["relations"] if rel["reason"] is None for i in (rel["subject"], rel["object"])}
+            taught = [g for g in d["regions"] if g["reason"] is None or g["region_id"] in in_relations
+                      or any(a["reason"] is None for a in g["answers"].values())]
             path = _local_path(d["uri"])
-            if not kept or not path or not os.path.isfile(path):
-                skipped["no kept region" if not kept else "image not a local file"] += 1
+            if not taught or not path or not os.path.isfile(path):
+                skipped["nothing kept" if not taught else "image not a local file"] += 1
+                continue
+            conv.write(json.dumps(_conversation(d, taught, path, templates)) + "\n")
+            conversations += 1
+            if not kept:
                 continue
             for g in kept:
                 _class_index(classes, g["label"], g.get("class_id", -1))
-            conv.write(json.dumps(_conversation(d, kept, path, templates)) + "\n")
             image_id = len(coco_images) + 1
             coco_images.append({"id": image_id, "file_name": path, "width": d["width"], "height": d["height"],
                                 "roiscribe_image_id": d["image_id"]})
@@ -289,6 +304,7 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
             "categories": [{"id": i + 1, "name": c} for i, c in sorted(by_index.items())]}
     (dest / "coco.json").write_text(json.dumps(coco))
     manifest = {**(manifest or {}), "counts": counts.as_dict(), "images_exported": len(coco_images),
+                "conversations": conversations,
                 "images_skipped": dict(skipped), "classes": names}
     if mask_rejected:
         manifest["yolo_images_masked"] = masked

@@ -122,6 +122,49 @@ def test_the_yolo_set_trains_an_ultralytics_detector_for_an_epoch(output, tmp_pa
     assert (tmp_path / "yolo" / "weights" / "last.pt").is_file()
 
 
+def _constant_calibration(**wanted):
+    """A calibration giving each kind one probability whatever the signals."""
+    from pipeline.calibrate import FEATURES, Calibration, KindCalibrator
+
+    return Calibration({k: KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
+                                          [0.0] * len(FEATURES), math.log(p / (1 - p))) for k, p in wanted.items()})
+
+
+def test_calibrated_answers_of_an_unsure_box_are_judged_on_their_own(tmp_path):
+    """A box below the region threshold is left out of the detector exports, but a calibrated
+    answer about it (whose probability already counts an answer about no object as wrong) is kept
+    when it is sure enough; what the area or a cap removed goes whole; uncalibrated answers follow
+    their region (the first test)."""
+    from PIL import Image
+
+    from sinks.exports import write_exports
+
+    calibration = _constant_calibration(region=0.4, color=0.9, caption=0.3, relation=0.9)
+    d = decide(hand_row(), Policy(), calibration)
+    assert [g["reason"] for g in d["regions"]] == ["probability 0.40 < 0.50"] * 4
+    assert [g["answers"]["color"]["reason"] for g in d["regions"]] == [None, None, "unparsed: '???'", None]
+    assert all(g["answers"]["caption"]["reason"] == "probability 0.30 < 0.50" for g in d["regions"])
+    assert [r["reason"] for r in d["relations"]] == [None, None, None]
+    cut = decide(hand_row(), Policy({"region": 0.3, "caption": 0.2}, min_area=25.0, max_per_class=1), calibration)
+    assert [g["reason"] for g in cut["regions"]] == [
+        None, None, "area 16 px < 25", "class-cap: 'circle' already has 1 more probable regions"]
+    assert [g["answers"]["caption"]["reason"] for g in cut["regions"]] == [None, None, "region-rejected",
+                                                                          "region-rejected"]
+    assert [r["reason"] for r in cut["relations"]] == ["region-rejected", None, "region-rejected"]
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    d["uri"] = str(tmp_path / "a.png")
+    manifest = write_exports(tmp_path / "exports", [d])
+    assert manifest["images_exported"] == 0 and manifest["conversations"] == 1  # nothing for the detector
+    conversation = json.loads((tmp_path / "exports" / "conversations.jsonl").read_text())
+    assert conversation["boxes"] == [d["regions"][k]["box"] for k in (0, 1, 3)]
+    turns = conversation["conversations"]
+    assert [(q["regions"], a["value"]) for q, a in zip(turns[::2], turns[1::2])] == [
+        ([0], "red"), ([1], "blue"), ([2], "green"), ([0, 2], "region1 is left of region2"),
+        ([0, 1], "region1 is above region2"), ([2, 0], "region1 is right of region2")]
+    assert not list((tmp_path / "exports" / "yolo" / "labels").glob("*/*.txt"))
+
+
 def test_the_conversations_teach_the_words_the_model_said(tmp_path):
     """An answer parsed to its vocabulary's canonical value ("nothing" -> "none") is exported as the
     model said it: the student learns the teacher's phrasing, not the parser's."""
