@@ -298,7 +298,8 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
             masked += _yolo_item(yolo, split, d, kept, path, image_id, classes, mask_rejected)
     by_index = {i: c for c, i in classes.items()}
     names = [by_index.get(i, f"class{i}") for i in range(max(by_index, default=-1) + 1)]
-    (yolo / "data.yaml").write_text(f"path: {(final / 'yolo').resolve()}\ntrain: images/train\nval: images/val\nnames:\n"
+    (yolo / "data.yaml").write_text("# no path: ultralytics roots the dataset at this file's folder, so the export can be moved\n"
+                                    "train: images/train\nval: images/val\nnames:\n"
                                     + "".join(f"  {i}: {json.dumps(c)}\n" for i, c in enumerate(names)))
     coco = {"images": coco_images, "annotations": coco_annotations,
             "categories": [{"id": i + 1, "name": c} for i, c in sorted(by_index.items())]}

@@ -113,7 +113,9 @@ def test_the_yolo_set_trains_an_ultralytics_detector_for_an_epoch(output, tmp_pa
     from ultralytics import YOLO
 
     export(output)
-    data = output / "exports" / "yolo" / "data.yaml"
+    moved = tmp_path / "moved"  # an export is self-contained: moved elsewhere, it still trains
+    (output / "exports").rename(moved)
+    data = moved / "yolo" / "data.yaml"
     import demo
 
     model = YOLO(str(Path(demo.__file__).parent / "detector.yaml"))  # the shipped detector's layout, untrained
