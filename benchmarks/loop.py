@@ -6,11 +6,12 @@
 2. The teacher = arm (a): a detector trained from scratch on the labelled set and a GPT4RoI
    trained on it from the shared init (the shipped demo's vision tower and region encoder, the
    stand-in for a pretrained CLIP; projector and LLM random).
-3. ``roiscribe calibrate``'s fit on the validation scenes with the teacher's models; thresholds per
-   kind tuned there (``pipeline.calibrate.thresholds_for_precision``).
-4. ``roiscribe pseudo-label`` over the pool with the teacher (``--calibration``, the tuned
-   thresholds) -> filtered exports; ``roiscribe export`` of the same rows with every threshold 0
-   -> unfiltered exports.
+3. ``roiscribe calibrate``'s fit on the validation scenes with the teacher's models, on the
+   proposals the filtered job keeps (detector score >= ``--proposal-score``); thresholds per kind
+   tuned there (``pipeline.calibrate.thresholds_for_precision``).
+4. ``roiscribe pseudo-label`` over the pool with the teacher twice: filtered (proposals down to
+   ``--proposal-score``, the calibration and its tuned thresholds, ``--mask-rejected``) and
+   unfiltered (the job's default proposals, every threshold 0: what keeping every prediction gives).
 5. Arms (b) labelled + unfiltered and (c) labelled + filtered: same init, same steps, same data mix
    as (a) but for the pseudo-labels (labelled data weighted so that it stays a fixed share).
 6. ``roiscribe evaluate`` of every arm on the held-out scenes: detector mAP50, attribute and
