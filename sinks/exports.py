@@ -377,11 +377,13 @@ def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: 
     return int(bool(rejected))
 
 
-def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3):
-    """A copy of ``array`` (H, W, 3 uint8) with every box of ``boxes`` painted out, except where a box
-    of ``keep`` covers it: each box is filled with the mean colour of a ``ring``-pixel band around it
-    (outside the kept boxes), with noise of the band's spread, so that it reads as the background
-    around it rather than as a flat patch (deterministic for a ``seed``)."""
+def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3, pad: float = 0.1):
+    """A copy of ``array`` (H, W, 3 uint8) with every box of ``boxes`` (grown by ``pad`` of its size
+    on each side: a loose box leaves less of its object showing) painted out, except where a box of
+    ``keep`` covers it. The paint is the background around the box: the median colour of a
+    ``ring``-pixel band outside it (and outside the kept boxes) with noise of the band's robust
+    spread, so that neither an object the band crosses nor a flat patch stands out (deterministic
+    for a ``seed``)."""
     import numpy as np
 
     out = array.copy()
@@ -391,8 +393,9 @@ def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3):
         protected[max(int(y1), 0):max(int(np.ceil(y2)), 0), max(int(x1), 0):max(int(np.ceil(x2)), 0)] = True
     rng = np.random.default_rng(seed)
     for x1, y1, x2, y2 in boxes:
-        a, b = min(max(int(x1), 0), w), min(max(int(np.ceil(x2)), 0), w)
-        c, e = min(max(int(y1), 0), h), min(max(int(np.ceil(y2)), 0), h)
+        dx, dy = pad * max(x2 - x1, 0), pad * max(y2 - y1, 0)
+        a, b = min(max(int(x1 - dx), 0), w), min(max(int(np.ceil(x2 + dx)), 0), w)
+        c, e = min(max(int(y1 - dy), 0), h), min(max(int(np.ceil(y2 + dy)), 0), h)
         if a >= b or c >= e:
             continue
         inside = np.zeros((h, w), bool)
@@ -400,9 +403,10 @@ def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3):
         band = np.zeros((h, w), bool)
         band[max(c - ring, 0):min(e + ring, h), max(a - ring, 0):min(b + ring, w)] = True
         band &= ~inside & ~protected
-        pixels = array[band] if band.any() else array.reshape(-1, array.shape[-1])
-        mean, spread = pixels.mean(0), pixels.std(0)
+        pixels = (array[band] if band.any() else array.reshape(-1, array.shape[-1])).astype(float)
+        middle = np.median(pixels, 0)
+        spread = 1.4826 * np.median(np.abs(pixels - middle), 0)  # robust: objects in the band do not count
         paint = inside & ~protected
-        fill = mean + rng.standard_normal((int(paint.sum()), array.shape[-1])) * spread
+        fill = middle + rng.standard_normal((int(paint.sum()), array.shape[-1])) * spread
         out[paint] = np.clip(np.rint(fill), 0, 255).astype(out.dtype)
     return out
