@@ -309,6 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--precision", type=float, default=0.95,
                    help="kept answers' precision on validation that the thresholds aim at")
+    p.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
+                   help="a threshold of the filtered arm chosen on the validation scenes instead of the tuned one "
+                        "(e.g. relation=0: the relations kept unfiltered; repeat for several)")
     p.add_argument("--report", action="store_true", help="print the table from what is done, run nothing")
     args = p.parse_args(argv)
     work = args.work
@@ -325,6 +328,7 @@ def main(argv=None) -> int:
     det_a = train_detector(work, "a", yolo_list(work, "a", None, 1, args.detector_images), args)
     gpt_a = train_gpt4roi(work, "a", base, [1.0, 1.0], init, args)
     cal, thresholds = calibrate(work, gpt_a, det_a, args)
+    thresholds = {**thresholds, **{k: float(v) for k, _, v in (item.partition("=") for item in args.min_probability)}}
     pseudo_label(work, gpt_a, det_a, cal, thresholds, args)
     models = {"a": (gpt_a, det_a)}
     for arm, kind in (("b", "unfiltered"), ("c", "filtered")):
