@@ -13,7 +13,8 @@ part at a time) and writes ``OUT/exports/``:
   With ``Policy.mask_rejected`` an image with proposals the policy did not keep is written as a PNG
   copy with those boxes painted out (outside every kept box) in the colours around them: YOLO has no
   "ignore" label, and a rejected proposal is often a real object the teacher was unsure of, which an
-  unmasked image would teach the student is background;
+  unmasked image would teach the student is background (an image that cannot be masked now,
+  unreadable or resized since it was captioned, is left out of the YOLO set and counted);
 * ``coco.json``: COCO detection json (boxes ``[x, y, w, h]`` in pixels, each annotation with its
   score, probability and attributes), which ``roiscribe caption`` reads back as a source;
 * ``decisions.jsonl``: per image, every proposed region, answer and relation with its probability,
@@ -295,7 +296,11 @@ def write_exports(final: Path, decisions: Iterable[dict], val_fraction: float = 
                     "score": g["probability"],
                     "attributes": {n: a["value"] for n, a in g["answers"].items() if a["reason"] is None}})
             split = "val" if every and (image_id - 1) % every == 0 else "train"  # the first image is val
-            masked += _yolo_item(yolo, split, d, kept, path, image_id, classes, mask_rejected)
+            outcome = _yolo_item(yolo, split, d, kept, path, image_id, classes, mask_rejected)
+            if outcome == "masked":
+                masked += 1
+            elif outcome != "linked":  # the image cannot be masked now: left out of the YOLO set, counted
+                skipped[f"yolo: {outcome}"] += 1
     by_index = {i: c for c, i in classes.items()}
     names = [by_index.get(i, f"class{i}") for i in range(max(by_index, default=-1) + 1)]
     (yolo / "data.yaml").write_text("# no path: ultralytics roots the dataset at this file's folder, so the export can be moved\n"
@@ -350,9 +355,10 @@ def _conversation(d: dict, kept: list[dict], path: str, templates) -> dict:
 
 
 def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: int, classes: dict,
-               mask_rejected: bool = False) -> int:
+               mask_rejected: bool = False) -> str:
     """One image of the YOLO export (a link to the original, or with ``mask_rejected`` and proposals
-    not kept, a masked PNG copy) and its labels; returns 1 when the image was masked."""
+    not kept, a masked PNG copy) and its labels: "linked", "masked", or why the image was left out
+    (it cannot be decoded now, or its size is no longer the one the boxes were drawn on)."""
     rejected = [g["box"] for g in d["regions"] if g["reason"] is not None] if mask_rejected else []
     name = f"{n:08d}{'.png' if rejected else Path(path).suffix.lower() or '.png'}"
     target = yolo / "images" / split / name
@@ -361,9 +367,14 @@ def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: 
     if rejected:
         from PIL import Image
 
-        from pipeline.decode import ImageSource, decode_image
+        from pipeline.decode import ImageDecodeError, ImageSource, decode_image
 
-        array = decode_image(ImageSource(path)).array  # the pixels the boxes were drawn on (EXIF-rotated)
+        try:
+            array = decode_image(ImageSource(path)).array  # the pixels the boxes were drawn on (EXIF-rotated)
+        except ImageDecodeError:
+            return "not masked: the image cannot be decoded now"
+        if array.shape[:2] != (d["height"], d["width"]):
+            return "not masked: the image changed size since it was captioned"
         Image.fromarray(mask_boxes(array, rejected, [g["box"] for g in kept], seed=n)).save(target)
     else:
         target.symlink_to(os.path.abspath(path))
@@ -374,7 +385,7 @@ def _yolo_item(yolo: Path, split: str, d: dict, kept: list[dict], path: str, n: 
         lines.append(f"{classes[g['label']]} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
                      f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
     (yolo / "labels" / split / (Path(name).stem + ".txt")).write_text("\n".join(lines) + "\n")
-    return int(bool(rejected))
+    return "masked" if rejected else "linked"
 
 
 def mask_boxes(array, boxes: list, keep: list, seed: int = 0, ring: int = 3, pad: float = 0.1):

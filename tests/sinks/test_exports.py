@@ -252,6 +252,16 @@ def test_mask_rejected_paints_out_the_proposals_not_kept_and_only_those(tmp_path
     assert (tmp_path / "exports" / "yolo" / "labels" / "train" / f"{a.stem}.txt").read_text().count("\n") == 1
     write_exports(tmp_path / "exports", decisions, val_fraction=0)
     assert all(p.is_symlink() for p in (tmp_path / "exports" / "yolo" / "images" / "train").iterdir())
+    # an image that cannot be masked now (broken, or another size since it was captioned) is left out of
+    # the YOLO set and counted; its conversation and COCO entry stay
+    (tmp_path / "a.png").write_bytes(b"not an image any more")
+    manifest = write_exports(tmp_path / "exports", decisions, val_fraction=0, mask_rejected=True)
+    assert manifest["images_skipped"] == {"yolo: not masked: the image cannot be decoded now": 1}
+    assert manifest["images_exported"] == 2 and manifest["conversations"] == 2
+    assert len(list((tmp_path / "exports" / "yolo" / "labels" / "train").iterdir())) == 1
+    Image.fromarray(pixels[:50]).save(tmp_path / "a.png")
+    manifest = write_exports(tmp_path / "exports", decisions, val_fraction=0, mask_rejected=True)
+    assert manifest["images_skipped"] == {"yolo: not masked: the image changed size since it was captioned": 1}
 
 
 def test_the_coco_json_is_a_source_the_caption_job_reads(output):
