@@ -40,10 +40,11 @@ def _add_label_studio_args(p: argparse.ArgumentParser, project_required: bool) -
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     """The pseudo-label policy (``sinks.exports.Policy``) of ``export`` and ``pseudo-label``."""
-    p.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
+    p.add_argument("--min-probability", action="append", default=[], metavar="KIND[:CLASS]=P",
                    help="threshold per kind (region, caption, color, shape, material, action, relation; "
-                        "default: the calibration's tuned thresholds (`calibrate --precision`), else 0.5); "
-                        "repeat for several, e.g. --min-probability relation=0.8")
+                        "default: the calibration's tuned thresholds (`calibrate --precision`), else 0.5), "
+                        "or per kind and detector class (a region or an answer about one); repeat for several, "
+                        "e.g. --min-probability relation=0.8 --min-probability region:hexagon=0.9")
     p.add_argument("--min-area", type=float, default=0.0, help="smallest box kept, in pixels (default 0)")
     p.add_argument("--max-per-image", type=int, default=None, help="regions kept per image, the most "
                                                                    "probable first (default: all)")
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(e.g. 0.05; a second pass, twice the time)")
     calibrate.add_argument("--precision", type=float, default=None,
                            help="also tune a threshold per kind on the checked answers: the lowest probability at "
-                                "which the answers kept are right this often (e.g. 0.95); written into the "
+                                "which the answers kept are right this often (e.g. 0.95), and per detector class "
+                                "for regions (region:CLASS; 1.0 for a class never that precise); written into the "
                                 "calibration, where export and pseudo-label take them as their defaults")
     calibrate.add_argument("--score-threshold", type=float, default=0.25,
                            help="detector score kept (default 0.25): fit on the proposals the job that uses the "
@@ -716,17 +718,27 @@ def _export(out: Path, args, calibration, calibration_path: str | None, tuned_by
     thresholds = dict(Policy().min_probability)
     tuned = calibration if calibration is not None else Calibration.load(tuned_by) if tuned_by else None
     if tuned is not None and tuned.thresholds:
-        thresholds |= {k: v for k, v in tuned.thresholds.items() if k in thresholds}
+        thresholds |= {k: v for k, v in tuned.thresholds.items() if k.partition(":")[0] in thresholds}
         print(f"thresholds tuned with the calibration: " + ", ".join(f"{k}={v:g}" for k, v in tuned.thresholds.items()))
+    explicit = {}
     for item in args.min_probability:
         kind, _, value = item.partition("=")
-        if kind not in thresholds:
-            raise UsageError(f"--min-probability {item}: unknown kind {kind!r}; expected one of "
-                             f"{', '.join(sorted(thresholds))}")
+        base, colon, label = kind.partition(":")
+        if base not in Policy().min_probability:
+            raise UsageError(f"--min-probability {item}: unknown kind {base!r}; expected one of "
+                             f"{', '.join(sorted(Policy().min_probability))}")
+        if colon and (base == "relation" or not label):
+            raise UsageError(f"--min-probability {item}: a class threshold is KIND:CLASS=P with KIND a region or an "
+                             "answer kind (a relation has two regions)")
         try:
-            thresholds[kind] = float(value)
+            explicit[kind] = float(value)
         except ValueError:
             raise UsageError(f"--min-probability {item}: expected KIND=P with P a number in [0, 1]") from None
+        if not 0 <= explicit[kind] <= 1:
+            raise UsageError(f"--min-probability {item}: P must be in [0, 1]")
+    for kind in [k for k in explicit if ":" not in k]:  # a kind's own threshold replaces its tuned class ones
+        thresholds = {k: v for k, v in thresholds.items() if not k.startswith(f"{kind}:")}
+    thresholds |= explicit
     policy = Policy(thresholds, args.min_area, args.max_per_image, args.max_per_class, args.val_fraction,
                     args.mask_rejected)
     manifest = export(out, policy, calibration, calibration_path)

@@ -60,6 +60,7 @@ class Example:
     kind: str
     features: dict[str, float]
     correct: bool
+    label: str | None = None  # the region's detector class, where known (per-class thresholds)
 
     def baseline(self) -> float:
         """The uncalibrated confidence: ``exp(mean token log-prob)`` (a region: its detector score)."""
@@ -346,12 +347,20 @@ def split(examples: Sequence[Example], images: Sequence[int], holdout: float, se
 
 
 def thresholds_for_precision(calibration: Calibration, examples: Sequence[Example], precision: float,
-                             grid: Sequence[float] = tuple(np.round(np.arange(0.0, 1.0, 0.05), 2))) -> dict[str, float]:
+                             grid: Sequence[float] = tuple(np.round(np.arange(0.0, 1.0, 0.05), 2)),
+                             min_class_examples: int = 30) -> dict[str, float]:
     """Per kind, the lowest probability threshold (from ``grid``) at which the answers kept on
     labelled validation ``examples`` (never the scenes a result is reported on) are right at least
     ``precision`` of the time; a kind that never reaches it gets the grid point of best precision
     among those that keep at least a tenth of its answers (ties: the higher threshold). A kind
-    without a calibrator or examples gets none. The export policy's ``min_probability``."""
+    without a calibrator or examples gets none. The export policy's ``min_probability``.
+
+    Regions also get one threshold per detector class (``"region:<class>"``, from the examples'
+    ``label``; classes with at least ``min_class_examples``): the region probability is fitted on
+    all classes together, so a class the detector confuses (its boxes often real objects of another
+    class) is over-trusted by it, and a detector trained on the export learns the confusion. A class
+    that never reaches ``precision`` gets 1.0 (no calibrated probability reaches it: its boxes are
+    kept out of the detector exports, and masked out of the YOLO images with ``mask_rejected``)."""
     out = {}
     for kind in sorted({e.kind for e in examples}):
         group = [e for e in examples if e.kind == kind]
@@ -360,20 +369,31 @@ def thresholds_for_precision(calibration: Calibration, examples: Sequence[Exampl
             continue
         p = np.asarray(probs, float)
         y = np.asarray([e.correct for e in group], bool)
-        best, best_precision = None, -1.0
-        for t in grid:
-            kept = p >= t
-            if not kept.any():
-                break
-            share = float(y[kept].mean())
-            if share >= precision:
-                best = float(t)
-                break
-            if kept.mean() >= 0.1 and share >= best_precision:
-                best, best_precision = float(t), share
+        best = _threshold(p, y, precision, grid, fallback=True)
         if best is not None:
             out[kind] = best
+        if kind == "region":
+            labels = np.asarray([e.label for e in group], object)
+            for label in sorted({e.label for e in group if e.label is not None}):
+                mine = labels == label
+                if mine.sum() >= min_class_examples:
+                    found = _threshold(p[mine], y[mine], precision, grid, fallback=False)
+                    out[f"region:{label}"] = 1.0 if found is None else found
     return out
+
+
+def _threshold(p: np.ndarray, y: np.ndarray, precision: float, grid: Sequence[float], fallback: bool) -> float | None:
+    best, best_precision = None, -1.0
+    for t in grid:
+        kept = p >= t
+        if not kept.any():
+            break
+        share = float(y[kept].mean())
+        if share >= precision:
+            return float(t)
+        if fallback and kept.mean() >= 0.1 and share >= best_precision:
+            best, best_precision = float(t), share
+    return best
 
 
 def format_report(metrics: dict, signals: dict | None = None) -> str:

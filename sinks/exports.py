@@ -28,7 +28,8 @@ columns (a job run with a calibration), else from the uncalibrated confidence (`
 log-prob)``; a region: its detector score).
 
 The policy (:class:`Policy`): a region is kept when its probability reaches the threshold of
-``region``, its area the minimum, and it is among the ``max_per_image`` most probable regions of
+``region`` (or of ``region:<its class>`` when the policy has one: ``calibrate --precision`` tunes
+one per class), its area the minimum, and it is among the ``max_per_image`` most probable regions of
 its image and the ``max_per_class`` most probable of its class there; the detector exports (YOLO,
 COCO) take the kept regions. An answer is kept when its probability reaches its kind's threshold, a
 relation likewise, and neither belongs to a region the area or a cap removed. A region below the
@@ -67,7 +68,11 @@ class Policy:
     val_fraction: float = 0.1  # images of the YOLO export kept for validation: every 1/val_fraction-th, the first included
     mask_rejected: bool = False  # YOLO export: paint out the proposals not kept (see the module docstring)
 
-    def threshold(self, kind: str) -> float:
+    def threshold(self, kind: str, label: str | None = None) -> float:
+        """The threshold of ``kind``; of a region (or an answer about one) of detector class
+        ``label``, that class's own (``"KIND:label"``) when the policy has one."""
+        if label is not None and f"{kind}:{label}" in self.min_probability:
+            return float(self.min_probability[f"{kind}:{label}"])
         return float(self.min_probability.get(kind, 0.5))
 
 
@@ -144,8 +149,8 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
         for name, a in region["answers"].items():
             if a["reason"] is None and region_rejected(region, a.pop("calibrated")):
                 a["reason"] = "region-rejected"
-            elif a["reason"] is None and a["probability"] < policy.threshold(name):
-                a["reason"] = f"probability {a['probability']:.2f} < {policy.threshold(name):.2f}"
+            elif a["reason"] is None and a["probability"] < policy.threshold(name, region["label"]):
+                a["reason"] = f"probability {a['probability']:.2f} < {policy.threshold(name, region['label']):.2f}"
     relations = []
     for rel in result.relations:
         if rel.predicate is None:
@@ -176,8 +181,8 @@ def _said(name: str, answer) -> str:
 
 
 def _apply_region_policy(regions: list[dict], policy: Policy) -> None:
-    threshold = policy.threshold("region")
     for g in regions:
+        threshold = policy.threshold("region", g["label"])
         if g["probability"] < threshold:
             g["reason"] = f"probability {g['probability']:.2f} < {threshold:.2f}"
         elif g["area"] < policy.min_area:

@@ -80,7 +80,7 @@ def world_examples(results, truths, iou: float = 0.5, jitter: list[dict] | None 
                         _size_word(text) == obj["size"]
                 else:  # region: a real object, and the detector's class is its shape
                     right = vocabulary_value("shape", result.regions.class_names[r]) == obj["shape"]
-                out.append(Example(kind, features, right))
+                out.append(Example(kind, features, right, result.regions.class_names[r]))
         for rel in result.relations:
             if rel.predicate is None:
                 continue

@@ -71,6 +71,17 @@ def output(tmp_path_factory):
     return out
 
 
+def test_a_class_threshold_applies_to_that_class_only():
+    """``region:circle``: the circles' own threshold (region 3, a circle at 0.8, goes; the star and the
+    square keep the kind's); ``color:circle``: the colour answers about circles."""
+    d = decide(hand_row(), Policy(min_probability={"region": 0.5, "region:circle": 0.85, "color:circle": 0.96}))
+    assert [g["reason"] for g in d["regions"]] == [None, "probability 0.20 < 0.50", None, "probability 0.80 < 0.85"]
+    assert d["regions"][0]["answers"]["color"]["reason"] == "probability 0.95 < 0.96"
+    assert d["regions"][0]["answers"]["caption"]["reason"] is None
+    d = decide(hand_row(), Policy(min_probability={"region": 0.1, "region:star": 0.5}))
+    assert [g["reason"] for g in d["regions"]] == [None, "probability 0.20 < 0.50", None, None]
+
+
 def test_exports_count_every_proposal_and_keep_what_the_policy_keeps(output):
     manifest = export(output, Policy(min_probability={"region": 0.5, "relation": 0.9}))
     exports = output / "exports"
@@ -287,6 +298,8 @@ def test_the_export_command(output, capsys):
     assert f"exported {manifest['images_exported']} images" in printed and "region" in printed
     assert main(["export", str(output), "--min-probability", "colour=0.5"]) == 2
     assert "unknown kind 'colour'" in capsys.readouterr().err
+    for bad in ("relation:circle=0.5", "region:=0.5", "region:circle=1.5"):
+        assert main(["export", str(output), "--min-probability", bad]) == 2, bad
     assert main(["export", str(output / "nothing")]) == 2
 
 
@@ -369,6 +382,21 @@ def test_a_job_run_with_a_calibration_writes_probabilities_that_export_and_push_
                  "--max-per-image", "1"]) == 0
     manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
     assert manifest["counts"]["caption"]["accepted"] == 6
+    # tuned per-class region thresholds (1.0: a class never precise enough) apply; a flag for the
+    # kind replaces them, a flag for one class only that class's
+    classes = sorted({g["label"] for g in regions})
+    tuned = Calibration(kinds, thresholds={f"region:{c}": 1.0 for c in classes}).save(tmp_path / "per-class.json")
+    assert main(["export", str(labelled), "--calibration", str(tuned)]) == 0
+    manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
+    assert manifest["counts"]["region"]["accepted"] == 0
+    assert manifest["policy"]["min_probability"][f"region:{classes[0]}"] == 1.0
+    assert main(["export", str(labelled), "--calibration", str(tuned), "--min-probability", "region=0.5"]) == 0
+    manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
+    assert manifest["counts"]["region"]["accepted"] == len(regions)
+    assert not any(":" in k for k in manifest["policy"]["min_probability"])
+    assert main(["export", str(labelled), "--calibration", str(tuned), "--min-probability", f"region:{classes[0]}=0"]) == 0
+    manifest = json.loads((labelled / "exports" / "manifest.json").read_text())
+    assert manifest["counts"]["region"]["accepted"] == sum(g["label"] == classes[0] for g in regions) > 0
     # another calibration would mix two kinds of probabilities in one output: a resume refuses it
     kinds["region"] = KindCalibrator(list(FEATURES), [0.0] * len(FEATURES), [1.0] * len(FEATURES),
                                      [0.0] * len(FEATURES), 0.0)
