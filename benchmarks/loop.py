@@ -328,7 +328,9 @@ def main(argv=None) -> int:
     det_a = train_detector(work, "a", yolo_list(work, "a", None, 1, args.detector_images), args)
     gpt_a = train_gpt4roi(work, "a", base, [1.0, 1.0], init, args)
     cal, thresholds = calibrate(work, gpt_a, det_a, args)
-    thresholds = {**thresholds, **{k: float(v) for k, _, v in (item.partition("=") for item in args.min_probability)}}
+    overrides = {k: float(v) for k, _, v in (item.partition("=") for item in args.min_probability)}
+    thresholds = {k: v for k, v in thresholds.items() if k.partition(":")[0] not in overrides}  # as the CLI does
+    thresholds |= overrides
     pseudo_label(work, gpt_a, det_a, cal, thresholds, args)
     models = {"a": (gpt_a, det_a)}
     for arm, kind in (("b", "unfiltered"), ("c", "filtered")):

@@ -18,6 +18,7 @@ templates (``pipeline.compose.Templates``), so the trained model answers what th
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def write_dataset(out: str | Path, seeds: range, config: WorldConfig = WorldConf
             if progress:
                 progress(1)
     (yolo / "data.yaml").write_text(
-        f"path: {yolo.resolve()}\ntrain: images/train\nval: images/val\nnames:\n"
+        "train: images/train\nval: images/val\nnames:\n"  # no path: ultralytics roots these at the file's folder
         + "".join(f"  {i}: {s}\n" for i, s in enumerate(SHAPES)))
     return out
 
@@ -128,7 +129,7 @@ def write_dataset(out: str | Path, seeds: range, config: WorldConfig = WorldConf
 def _yolo_item(yolo: Path, split: str, name: str, image_path: Path, scene: Scene) -> None:
     target = yolo / "images" / split / name
     if not target.exists():
-        target.symlink_to(image_path.resolve())
+        target.symlink_to(os.path.relpath(image_path.resolve(), target.parent.resolve()))  # the world can move
     lines = []
     for o in scene.objects:
         x1, y1, x2, y2 = o.box

@@ -99,3 +99,16 @@ def test_the_yolo_set_holds_every_object_in_normalised_boxes(world):
                              (x2 - x1) / gt["width"], (y2 - y1) / gt["height"]])
             assert np.allclose(got, want, atol=1e-5)
     assert "names:" in (world / "yolo" / "data.yaml").read_text()
+
+
+def test_a_world_folder_can_be_moved(tmp_path):
+    """The YOLO set's image links are relative and ``data.yaml`` has no absolute ``path:``
+    (ultralytics roots the set at the file's folder): a moved world still trains and evaluates."""
+    from pathlib import Path
+
+    world = write_dataset(tmp_path / "here", range(7_100_000, 7_100_004), val_fraction=0.5)
+    moved = Path(world.rename(tmp_path / "there"))
+    assert "path:" not in (moved / "yolo" / "data.yaml").read_text()
+    links = sorted((moved / "yolo" / "images").glob("*/*.png"))
+    assert len(links) == 4 and all(p.is_symlink() and p.resolve().parent == (moved / "images").resolve() and
+                                   p.stat().st_size > 0 for p in links)
