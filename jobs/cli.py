@@ -261,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(e.g. 0.05; a second pass, twice the time)")
     calibrate.add_argument("--precision", type=float, default=None,
                            help="also tune a threshold per kind on the checked answers: the lowest probability at "
-                                "which the answers kept are right this often (e.g. 0.95), and per detector class "
-                                "for regions (region:CLASS; 1.0 for a class never that precise); written into the "
+                                "which the answers kept are right this often (e.g. 0.95); written into the "
                                 "calibration, where export and pseudo-label take them as their defaults")
+    calibrate.add_argument("--per-class", action="store_true",
+                           help="with --precision: also a region threshold per detector class (region:CLASS; 1.0 "
+                                "for a class whose boxes never reach the precision)")
     calibrate.add_argument("--score-threshold", type=float, default=0.25,
                            help="detector score kept (default 0.25): fit on the proposals the job that uses the "
                                 "calibration keeps (e.g. a pseudo-label job run with a lower --score-threshold)")
@@ -670,6 +672,8 @@ def cmd_calibrate(args) -> int:
         raise UsageError(f"--holdout must be between 0 and 1, got {args.holdout}")
     if args.precision is not None and not 0 < args.precision <= 1:
         raise UsageError(f"--precision must be in (0, 1], got {args.precision}")
+    if args.per_class and args.precision is None:
+        raise UsageError("--per-class tunes per-class thresholds for --precision; give --precision too")
     truths = read_ground_truth(args.data, args.limit)
     check = read_ground_truth(args.check, args.limit) if args.check else None
     _check_detector(args.detector or "demo")
@@ -677,7 +681,7 @@ def cmd_calibrate(args) -> int:
     config = PipelineConfig(engine=_engine(args), batch_size=args.batch_size,
                             postprocess=PostProcess(score_threshold=args.score_threshold))
     calibration = calibrate_world(truths, spec.load(), config, detector, check, args.holdout, args.seed, args.jitter,
-                                  args.precision)
+                                  args.precision, args.per_class)
     calibration.fitted_on |= {"data": str(args.data), "check": str(args.check) if args.check else None,
                               "model": spec.spec, "detector": args.detector or "demo",
                               "score_threshold": args.score_threshold}

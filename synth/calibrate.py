@@ -115,12 +115,14 @@ def world_examples_of(truths, loaded, config, detector, jitter: float | None = N
 
 
 def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout: float = 0.3,
-                    seed: int = 0, jitter: float | None = None, precision: float | None = None) -> Calibration:
+                    seed: int = 0, jitter: float | None = None, precision: float | None = None,
+                    per_class: bool = False) -> Calibration:
     """Fit on the world's answers and check on ``check_truths`` (another world: scenes of a seed
     used for nothing else), or, without one, on a ``holdout`` share of the images kept out of the
     fit. The metrics (before and after, per kind) and each signal's AUROC on the checked answers go
     into the calibration's ``metrics``; with ``precision``, per kind the threshold at which the checked
-    answers kept are right that often goes into its ``thresholds`` (``thresholds_for_precision``)."""
+    answers kept are right that often goes into its ``thresholds`` (``thresholds_for_precision``; with
+    ``per_class``, also one per detector class for regions)."""
     examples, images = world_examples_of(truths, loaded, config, detector, jitter)
     if check_truths is not None:
         fit, check = examples, world_examples_of(check_truths, loaded, config, detector, jitter)[0]
@@ -133,6 +135,6 @@ def calibrate_world(truths, loaded, config, detector, check_truths=None, holdout
                            "signals_auroc": signal_report(check), "how": how}
     calibration.fitted_on = {"images": len(truths), "answers": len(fit)}
     if precision is not None:
-        calibration.thresholds = thresholds_for_precision(calibration, check, precision)
+        calibration.thresholds = thresholds_for_precision(calibration, check, precision, per_class=per_class)
         calibration.metrics["thresholds_precision"] = precision
     return calibration

@@ -79,7 +79,7 @@ def test_evaluate_scores_the_demo_models_and_writes_json(world, tmp_path, capsys
     assert set(json.loads(capsys.readouterr().out)) == {"images", "ground_truth_boxes"}
 
 
-def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
+def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path, capsys):
     from pipeline.calibrate import Calibration
 
     out = tmp_path / "calibration.json"
@@ -91,20 +91,24 @@ def test_calibrate_fits_checks_and_writes_the_calibration(world, tmp_path):
     assert set(calibration.kinds) >= {"color", "shape", "material", "caption", "region"}
     assert calibration.fitted_on["images"] == 4 and calibration.fitted_on["model"] == "demo"
     assert calibration.metrics["how"] == "checked on a held-out 50% of the images (seed 0)"
-    # thresholds tuned on the checked answers: one per kind checked, each a point of the grid (per
-    # detector class for regions only with 30 checked regions of the class: none in 4 images)
+    # thresholds tuned on the checked answers: one per kind checked, each a point of the grid
     assert set(calibration.thresholds) == set(calibration.metrics["checked"]) - {"all"}
     assert all(0 <= t < 1 and round(t * 20, 6) == int(round(t * 20)) for t in calibration.thresholds.values())
     assert "thresholds for precision 0.9 on the checked answers: " in r.stdout
     # fitted on the proposals a job with a lower --score-threshold keeps: more regions asked about
     low = tmp_path / "low.json"
-    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(low), "--score-threshold", "0.01")
+    r = run("calibrate", "--data", str(world), "--holdout", "0.5", "--out", str(low), "--score-threshold", "0.01",
+            "--precision", "0.9", "--per-class")
     assert r.returncode == 0, r.stderr
     fitted = Calibration.load(low)
+    # per-class region thresholds only for classes with 30 checked regions (the logic: test_calibrate)
+    assert {k.partition(":")[0] for k in fitted.thresholds} <= set(fitted.metrics["checked"])
     assert fitted.fitted_on["score_threshold"] == 0.01 and calibration.fitted_on["score_threshold"] == 0.25
     assert fitted.fitted_on["answers"] > calibration.fitted_on["answers"]
     r = run("calibrate", "--data", str(world))  # the shipped model is no directory to write next to
     assert r.returncode == 2 and "pass --out FILE" in r.stderr
+    assert main(["calibrate", "--data", str(world), "--out", str(low), "--per-class"]) == 2
+    assert "give --precision too" in capsys.readouterr().err
 
 
 def test_pretrain_from_a_config_file(world, tmp_path):

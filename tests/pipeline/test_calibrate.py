@@ -190,14 +190,16 @@ def test_region_thresholds_per_class_where_one_class_is_over_trusted():
 
     examples = (group("circle", 0.8, 30, 0) + group("circle", 0.4, 15, 15) + group("hexagon", 0.8, 30, 20)
                 + group("hexagon", 0.95, 6, 4) + group("star", 0.8, 10, 0))
-    got = thresholds_for_precision(_Stated(), examples, 0.95, min_class_examples=20)
+    got = thresholds_for_precision(_Stated(), examples, 0.95, per_class=True, min_class_examples=20)
     assert got["region:circle"] == 0.45  # keeps the 30 circles at 0.8, all right
     assert got["region:hexagon"] == 1.0  # 60 % right at best: no threshold reaches 0.95
     assert "region:star" not in got  # 10 examples: too few for a class of its own
     # all classes pooled, 0.95 is never reached: p >= 0.45 up to 0.8 keeps 100 regions, 76 right (the
     # best precision keeping a tenth of them, the highest such threshold taken); p >= 0.85 keeps 10 of 130
     assert got["region"] == 0.8
-    assert set(thresholds_for_precision(_Stated(), examples, 0.95)) == {"region", "region:circle", "region:hexagon"}
+    assert set(thresholds_for_precision(_Stated(), examples, 0.95, per_class=True)) == {
+        "region", "region:circle", "region:hexagon"}
+    assert set(thresholds_for_precision(_Stated(), examples, 0.95)) == {"region"}  # one per kind unless asked
 
 
 def test_isotonic_regression_pools_adjacent_violators_by_hand():
