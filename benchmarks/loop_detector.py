@@ -1,0 +1,101 @@
+"""Detector students of the pseudo-label loop, one variable at a time, scored on the validation
+scenes only (where choices about the loop may be made; never the held-out ones).
+
+A finished loop (``benchmarks/loop.py --work LOOP``) has the worlds, the teacher's detector (arm
+(a), trained from scratch) and the pseudo-label exports. Each call here trains one more detector
+under ``--out`` and prints the table of every student trained there so far, side by side with the
+teacher:
+
+* ``--export DIR``: the YOLO set it adds to the labelled images (``LOOP/pseudo/filtered``, or an
+  export made with another policy, e.g. ``roiscribe export ... --min-probability region:CLASS=P``);
+  none: the labelled images only;
+* ``--labelled-weight W``: the labelled images W times per epoch beside the pool's (as the loop's);
+* ``--init scratch|teacher``: the demo layout from scratch (the loop's arms) or the teacher's
+  weights (every student of one table from the same init, for the same ``--epochs``).
+
+::
+
+    python -m benchmarks.loop_detector --loop runs/loop4 --out runs/loop5 --name fta --init teacher --epochs 3
+    python -m benchmarks.loop_detector --loop runs/loop4 --out runs/loop5 --name ftc5 --init teacher --epochs 3 \\
+        --export runs/loop4/pseudo/filtered
+    python -m benchmarks.loop_detector --out runs/loop5 --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import loop
+
+
+def train_student(work: Path, name: str, data: Path, init: Path | None, args) -> Path:
+    """``init``: weights to start from (None: the demo layout from scratch, as the loop's arms)."""
+    from detectors.ultralytics_backend import offline_environment
+
+    weights = work / "detector" / name / "weights" / "last.pt"
+    if loop.done(work, f"detector-{name}"):
+        return weights
+    if init is None:
+        return loop.train_detector(work, name, data, argparse.Namespace(detector_epochs=args.epochs, imgsz=args.imgsz))
+    offline_environment()
+    started = time.time()
+    loop.run(["yolo", "detect", "train", f"model={init.absolute()}", f"data={data}", f"epochs={args.epochs}",
+              f"imgsz={args.imgsz}", "batch=32", "device=cpu", "workers=2", "amp=False", "val=False", "plots=False",
+              "seed=0", "deterministic=True", "patience=0", f"project={(work / 'detector').absolute()}", f"name={name}",
+              "exist_ok=True"])
+    loop.finish(work, f"detector-{name}", {"weights": str(weights), "seconds": time.time() - started})
+    return weights
+
+
+def table(work: Path) -> str:
+    rows = ["| student | init | epochs | pseudo-labels | labelled weight | mAP50 | circle | hexagon | square | star | triangle |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted((work / "students").glob("*.json")):
+        s = json.loads(path.read_text())
+        ap = s["AP50_per_class"]
+        rows.append(f"| {s['name']} | {s['init']} | {s['epochs']} | {s['export'] or '-'} | {s['labelled_weight'] or '-'} | "
+                    f"{s['mAP50']:.3f} | " + " | ".join(f"{ap.get(c, 0):.3f}" for c in
+                                                        ("circle", "hexagon", "square", "star", "triangle")) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loop", type=Path, default=Path("runs/loop"), help="a finished loop's --work")
+    p.add_argument("--out", type=Path, default=Path("runs/loop-detector"))
+    p.add_argument("--name", help="the student's name (its folder under --out)")
+    p.add_argument("--export", type=Path, default=None, help="a pseudo-label export (its yolo/ set); none: labelled only")
+    p.add_argument("--labelled-weight", type=int, default=5)
+    p.add_argument("--init", choices=("scratch", "teacher"), default="scratch")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of --images images")
+    p.add_argument("--images", type=int, default=2500, help="images per epoch")
+    p.add_argument("--imgsz", type=int, default=256)
+    p.add_argument("--report", action="store_true", help="print the table of the students under --out, train nothing")
+    args = p.parse_args(argv)
+    work = args.out
+    if not args.report:
+        if not args.name:
+            p.error("--name is required to train a student")
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "worlds").exists():
+            (work / "worlds").symlink_to((args.loop / "worlds").resolve())
+        teacher = Path(loop.done(args.loop, "detector-a")["weights"])
+        data = loop.yolo_list(work, args.name, args.export, args.labelled_weight if args.export else 1, args.images)
+        weights = train_student(work, args.name, data, teacher if args.init == "teacher" else None, args)
+        gpt = Path(loop.done(args.loop, "gpt4roi-a")["checkpoint"])  # the detector's numbers do not depend on it
+        scores = loop.evaluate_arm(work, args.name, gpt, weights, "val")["detector"]
+        (work / "students").mkdir(exist_ok=True)
+        (work / "students" / f"{args.name}.json").write_text(json.dumps({
+            "name": args.name, "init": args.init, "epochs": args.epochs, "images": args.images,
+            "export": str(args.export) if args.export else None, "labelled_weight": args.labelled_weight if args.export else None,
+            "mAP50": scores["mAP50"], "AP50_per_class": scores["AP50_per_class"]}, indent=2))
+    print(f"Detector students on the validation scenes ({work}):\n\n{table(work)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
