@@ -20,6 +20,9 @@ Signals (``FEATURES``), each known without ground truth when the job runs:
   (0), or none (0.5); for a caption, the share of its attribute words the direct answers repeat;
 * ``label_agrees``: the detector's class names the same value as the answer (1), another (0),
   or the class is no word of the attribute (0.5) (``pipeline.review``);
+* ``geometry_agrees`` (relations): the two boxes say what the predicate says (1), are only
+  consistent with it (0.5: e.g. "left of" a box that is more below than left, or one it overlaps;
+  a predicate boxes cannot check, such as "holding"), or contradict it (0) (``geometry_agreement``);
 * ``jitter_agrees``: asked again about the same region with its box edges moved a little
   (``synth.calibrate.jitter_agreement``: a second pass, so it doubles the cost), the answer stays the same (1) or
   not (0); 0.5 when not measured. A region: its shape answer's.
@@ -46,7 +49,8 @@ import numpy as np
 
 FORMAT = "roiscribe-calibration"
 FORMAT_VERSION = 2  # 2: isotonic correction (iso_x, iso_y); version 1 files read as before
-FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees", "jitter_agrees")
+FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees", "geometry_agrees",
+            "jitter_agrees")
 ATTRIBUTE_KINDS = ("color", "shape", "material")
 KINDS = (*ATTRIBUTE_KINDS, "caption", "relation", "region")
 UNKNOWN_AGREEMENT = 0.5  # neither agrees nor disagrees: the caption or the label names no value
@@ -111,7 +115,7 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
         out[kind] = {"mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "detector_score": score,
                      "caption_agrees": _agreement(a.value, in_caption),
                      "label_agrees": _agreement(a.value, vocabulary_value(kind, label)),
-                     "jitter_agrees": jitter.get(kind, UNKNOWN_AGREEMENT)}
+                     "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get(kind, UNKNOWN_AGREEMENT)}
         if in_caption is not None:
             named += 1
             agreeing += int(in_caption == a.value)
@@ -120,21 +124,57 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
                           "detector_score": score,
                           "caption_agrees": agreeing / named if named else UNKNOWN_AGREEMENT,
                           "label_agrees": _agreement(named_value("shape", caption.value), vocabulary_value("shape", label)),
-                          "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
+                          "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
     shape = answers.get("shape")
     out["region"] = {"mean_logprob": shape.mean_logprob if shape else 0.0,
                      "min_logprob": shape.min_logprob if shape else 0.0, "detector_score": score,
                      "caption_agrees": out.get("shape", {}).get("caption_agrees", UNKNOWN_AGREEMENT),
                      "label_agrees": out.get("shape", {}).get("label_agrees", UNKNOWN_AGREEMENT),
-                     "jitter_agrees": jitter.get("shape", UNKNOWN_AGREEMENT)}
+                     "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get("shape", UNKNOWN_AGREEMENT)}
     return out
 
 
 def relation_signals(result, rel, jitter: float = UNKNOWN_AGREEMENT) -> dict[str, float]:
-    scores = result.regions.scores
+    scores, boxes = result.regions.scores, result.regions.boxes
     return {"mean_logprob": rel.mean_logprob, "min_logprob": rel.min_logprob,
             "detector_score": float(min(scores[rel.subject], scores[rel.object])),
-            "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter}
+            "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT,
+            "geometry_agrees": geometry_agreement(rel.predicate, boxes[rel.subject], boxes[rel.object]),
+            "jitter_agrees": jitter}
+
+
+def geometry_agreement(predicate: str | None, a, b) -> float:
+    """How far boxes ``a`` (the subject) and ``b`` (xyxy) bear out a predicate (canonical, as
+    ``pipeline.parse`` gives it): 1 when they say it, 0 when they contradict it, 0.5 when they are
+    only consistent with it or cannot check it.
+
+    Positions: boxes that intersect say "overlapping"; apart, the axis with the larger offset of
+    the centres says "left of" / "right of" or "above" / "below", the other axis is consistent with
+    its own direction (0.5), and a direction the centres contradict, or "overlapping" of boxes
+    apart, is 0. A direction between intersecting boxes is 0.5 when the centres lie that way.
+    Sizes ("larger than", "smaller than"): the box areas. "inside": at least 90 % of the subject's
+    box within the object's. Other predicates (e.g. "holding", "next to"): 0.5."""
+    ax1, ay1, ax2, ay2 = (float(v) for v in a)
+    bx1, by1, bx2, by2 = (float(v) for v in b)
+    ix, iy = min(ax2, bx2) - max(ax1, bx1), min(ay2, by2) - max(ay1, by1)
+    intersect = ix > 0 and iy > 0
+    area_a, area_b = max(ax2 - ax1, 0.0) * max(ay2 - ay1, 0.0), max(bx2 - bx1, 0.0) * max(by2 - by1, 0.0)
+    if predicate == "overlapping":
+        return 1.0 if intersect else 0.0
+    if predicate in ("larger than", "smaller than"):
+        return UNKNOWN_AGREEMENT if area_a == area_b else float((area_a > area_b) == (predicate == "larger than"))
+    if predicate == "inside":
+        return float(intersect and area_a > 0 and ix * iy >= 0.9 * area_a)
+    directions = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+    if predicate not in directions:
+        return UNKNOWN_AGREEMENT
+    axis, sign = directions[predicate]
+    offset = ((ax1 + ax2 - bx1 - bx2) / 2, (ay1 + ay2 - by1 - by2) / 2)
+    if offset[axis] * sign <= 0:
+        return 0.0  # the centres lie the other way (or level)
+    if intersect:
+        return UNKNOWN_AGREEMENT
+    return 1.0 if abs(offset[axis]) >= abs(offset[1 - axis]) else UNKNOWN_AGREEMENT
 
 
 # Metrics ------------------------------------------------------------------------------------------

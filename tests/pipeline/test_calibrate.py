@@ -34,7 +34,7 @@ def _examples(n, seed, kind="color", bias=-0.5):
     p = 1 / (1 + np.exp(-(2 * z + bias)))
     right = rng.random(n) < p
     return [Example(kind, {"mean_logprob": math.log(0.95), "min_logprob": float(zi), "detector_score": 0.9,
-                           "caption_agrees": 0.5, "label_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+                           "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
             for zi, r in zip(z, right)], p
 
 
@@ -55,7 +55,7 @@ def test_the_fit_recovers_the_probability_and_calibrates_held_out_answers():
 
 def test_a_kind_with_only_right_answers_gets_their_rate(tmp_path):
     examples = [Example("shape", {"mean_logprob": -0.1 * k, "min_logprob": -0.2, "detector_score": 0.5,
-                                  "caption_agrees": 1.0, "label_agrees": 1.0, "jitter_agrees": 1.0}, True)
+                                  "caption_agrees": 1.0, "label_agrees": 1.0, "geometry_agrees": 1.0, "jitter_agrees": 1.0}, True)
                 for k in range(20)]
     calibration = Calibration.fit(examples)
     assert calibration.probability("shape", examples[3].features) > 0.999
@@ -100,11 +100,36 @@ def test_answers_are_labelled_by_the_ground_truth_they_match():
                    ("color", True), ("shape", True), ("material", True), ("caption", True), ("region", True),
                    ("relation", True), ("relation", False)]
     first = {e.kind: e.features for e in world_examples([result], [truth])[:5]}
+    relation = [e.features for e in world_examples([result], [truth]) if e.kind == "relation"]
+    assert [f["geometry_agrees"] for f in relation] == [1.0, 0.5]  # region 0 is above 2; "left" is no predicate
+    assert first["color"]["geometry_agrees"] == 0.5  # not a relation
     assert first["color"]["caption_agrees"] == 0.0  # the caption says blue, the answer red
     assert first["shape"]["label_agrees"] == 0.0  # labelled circle, answered star
     assert first["material"]["caption_agrees"] == 1.0 and first["material"]["label_agrees"] == 0.5
     assert first["caption"]["caption_agrees"] == pytest.approx(1 / 3)  # colour no, shape no, material yes
     assert first["color"]["detector_score"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("predicate, a, b, want", [
+    ("left of", [0, 0, 10, 10], [20, 0, 30, 10], 1.0),  # apart, side by side
+    ("right of", [0, 0, 10, 10], [20, 0, 30, 10], 0.0),  # the centres lie the other way
+    ("overlapping", [0, 0, 10, 10], [20, 0, 30, 10], 0.0),  # apart
+    ("left of", [0, 0, 10, 10], [12, 30, 22, 40], 0.5),  # left, but more above than left
+    ("above", [0, 0, 10, 10], [12, 30, 22, 40], 1.0),
+    ("overlapping", [0, 0, 10, 10], [5, 5, 15, 15], 1.0),
+    ("left of", [0, 0, 10, 10], [5, 5, 15, 15], 0.5),  # intersecting: only consistent
+    ("below", [0, 0, 10, 10], [5, 5, 15, 15], 0.0),
+    ("larger than", [0, 0, 20, 20], [0, 0, 10, 10], 1.0),
+    ("smaller than", [0, 0, 20, 20], [0, 0, 10, 10], 0.0),
+    ("inside", [2, 2, 4, 4], [0, 0, 10, 10], 1.0),
+    ("inside", [0, 0, 10, 10], [2, 2, 4, 4], 0.0),
+    ("holding", [0, 0, 10, 10], [20, 0, 30, 10], 0.5),  # boxes cannot tell
+    (None, [0, 0, 10, 10], [20, 0, 30, 10], 0.5),
+])
+def test_geometry_agreement_reads_the_predicate_off_the_boxes(predicate, a, b, want):
+    from pipeline.calibrate import geometry_agreement
+
+    assert geometry_agreement(predicate, a, b) == want
 
 
 def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(tmp_path_factory):
@@ -124,7 +149,8 @@ def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(t
     assert checked["all"]["ece_after"] < checked["all"]["ece_before"], checked["all"]
     assert checked["all"]["examples"] > 150
     assert set(calibration.metrics["signals_auroc"]["color"]) == {"mean_logprob", "min_logprob", "detector_score",
-                                                                  "caption_agrees", "label_agrees", "jitter_agrees"}
+                                                                  "caption_agrees", "label_agrees", "geometry_agrees",
+                                                                  "jitter_agrees"}
 
 
 def test_jitter_agreement_asks_again_about_moved_boxes(tmp_path_factory):
@@ -219,7 +245,7 @@ def test_the_isotonic_step_fixes_what_the_logistic_curve_cannot_follow(tmp_path)
         lp = rng.uniform(-3, 0, n)
         right = rng.random(n) < np.where(lp < -1, 0.6, 0.97)
         return [Example("shape", {"mean_logprob": float(v), "min_logprob": float(v), "detector_score": 0.9,
-                                  "caption_agrees": 0.5, "label_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+                                  "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
                 for v, r in zip(lp, right)]
 
     fit, check = examples(6000), examples(6000)
