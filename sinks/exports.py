@@ -28,8 +28,8 @@ columns (a job run with a calibration), else from the uncalibrated confidence (`
 log-prob)``; a region: its detector score).
 
 The policy (:class:`Policy`): a region is kept when its probability reaches the threshold of
-``region`` (or of ``region:<its class>`` when the policy has one: ``calibrate --precision`` tunes
-one per class), its area the minimum, and it is among the ``max_per_image`` most probable regions of
+``region`` (or of ``region:<its class>`` when the policy has one: ``calibrate --precision
+--per-class`` tunes one per class), its area the minimum, and it is among the ``max_per_image`` most probable regions of
 its image and the ``max_per_class`` most probable of its class there; the detector exports (YOLO,
 COCO) take the kept regions. An answer is kept when its probability reaches its kind's threshold, a
 relation likewise, and neither belongs to a region the area or a cap removed. A region below the
