@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--precision", type=float, default=0.95,
                    help="kept answers' precision on validation that the thresholds aim at")
-    p.add_argument("--min-probability", action="append", default=[], metavar="KIND=P",
+    p.add_argument("--min-probability", action="append", default=[], metavar="KIND[:CLASS]=P",
                    help="a threshold of the filtered arm chosen on the validation scenes instead of the tuned one "
                         "(e.g. relation=0: the relations kept unfiltered; repeat for several)")
     p.add_argument("--report", action="store_true", help="print the table from what is done, run nothing")
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     det_a = train_detector(work, "a", yolo_list(work, "a", None, 1, args.detector_images), args)
     gpt_a = train_gpt4roi(work, "a", base, [1.0, 1.0], init, args)
     cal, thresholds = calibrate(work, gpt_a, det_a, args)
-    overrides = {k: float(v) for k, _, v in (item.partition("=") for item in args.min_probability)}
+    overrides = {k: float(v) for k, _, v in (item.rpartition("=") for item in args.min_probability)}
     thresholds = {k: v for k, v in thresholds.items() if k.partition(":")[0] not in overrides}  # as the CLI does
     thresholds |= overrides
     pseudo_label(work, gpt_a, det_a, cal, thresholds, args)

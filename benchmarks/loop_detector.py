@@ -80,19 +80,30 @@ def main(argv=None) -> int:
     if not args.report:
         if not args.name:
             p.error("--name is required to train a student")
+        teacher, gpt = loop.done(args.loop, "detector-a"), loop.done(args.loop, "gpt4roi-a")
+        if not (teacher and gpt and (args.loop / "worlds").is_dir()):
+            p.error(f"{args.loop} is not the --work of a loop whose teacher is trained (benchmarks/loop.py)")
+        worlds = (args.loop / "worlds").resolve()
+        if (work / "worlds").exists() and (work / "worlds").resolve() != worlds:
+            p.error(f"{work} holds students of another loop's worlds ({(work / 'worlds').resolve()}); use another --out")
+        settings = {"name": args.name, "init": args.init, "epochs": args.epochs, "images": args.images,
+                    "export": str(args.export) if args.export else None,
+                    "labelled_weight": args.labelled_weight if args.export else None, "teacher": teacher["weights"]}
+        record = work / "students" / f"{args.name}.json"
+        if record.is_file():
+            old = json.loads(record.read_text())
+            if any(old.get(k, v) != v for k, v in settings.items()):
+                p.error(f"student {args.name!r} under {work} was trained with other settings; use another --name")
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "worlds").exists():
-            (work / "worlds").symlink_to((args.loop / "worlds").resolve())
-        teacher = Path(loop.done(args.loop, "detector-a")["weights"])
+            (work / "worlds").symlink_to(worlds)
         data = loop.yolo_list(work, args.name, args.export, args.labelled_weight if args.export else 1, args.images)
-        weights = train_student(work, args.name, data, teacher if args.init == "teacher" else None, args)
-        gpt = Path(loop.done(args.loop, "gpt4roi-a")["checkpoint"])  # the detector's numbers do not depend on it
-        scores = loop.evaluate_arm(work, args.name, gpt, weights, "val")["detector"]
-        (work / "students").mkdir(exist_ok=True)
-        (work / "students" / f"{args.name}.json").write_text(json.dumps({
-            "name": args.name, "init": args.init, "epochs": args.epochs, "images": args.images,
-            "export": str(args.export) if args.export else None, "labelled_weight": args.labelled_weight if args.export else None,
-            "mAP50": scores["mAP50"], "AP50_per_class": scores["AP50_per_class"]}, indent=2))
+        weights = train_student(work, args.name, data, Path(teacher["weights"]) if args.init == "teacher" else None, args)
+        # the detector's numbers do not depend on the GPT4RoI the evaluation also asks
+        scores = loop.evaluate_arm(work, args.name, Path(gpt["checkpoint"]), weights, "val")["detector"]
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps({**settings, "mAP50": scores["mAP50"],
+                                      "AP50_per_class": scores["AP50_per_class"]}, indent=2))
     print(f"Detector students on the validation scenes ({work}):\n\n{table(work)}")
     return 0
 

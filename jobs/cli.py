@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "which the answers kept are right this often (e.g. 0.95); written into the "
                                 "calibration, where export and pseudo-label take them as their defaults")
     calibrate.add_argument("--per-class", action="store_true",
-                           help="with --precision: also a region threshold per detector class (region:CLASS; 1.0 "
-                                "for a class whose boxes never reach the precision)")
+                           help="with --precision: also a region threshold per detector class with 30 checked "
+                                "regions or more (region:CLASS; 1.0 for a class whose boxes never reach the precision)")
     calibrate.add_argument("--score-threshold", type=float, default=0.25,
                            help="detector score kept (default 0.25): fit on the proposals the job that uses the "
                                 "calibration keeps (e.g. a pseudo-label job run with a lower --score-threshold)")
@@ -726,7 +726,9 @@ def _export(out: Path, args, calibration, calibration_path: str | None, tuned_by
         print(f"thresholds tuned with the calibration: " + ", ".join(f"{k}={v:g}" for k, v in tuned.thresholds.items()))
     explicit = {}
     for item in args.min_probability:
-        kind, _, value = item.partition("=")
+        if "=" not in item:
+            raise UsageError(f"--min-probability {item}: expected KIND=P or KIND:CLASS=P")
+        kind, _, value = item.rpartition("=")  # a class name may hold "="
         base, colon, label = kind.partition(":")
         if base not in Policy().min_probability:
             raise UsageError(f"--min-probability {item}: unknown kind {base!r}; expected one of "

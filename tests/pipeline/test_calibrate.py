@@ -125,6 +125,9 @@ def test_answers_are_labelled_by_the_ground_truth_they_match():
     ("inside", [0, 0, 10, 10], [2, 2, 4, 4], 0.0),
     ("holding", [0, 0, 10, 10], [20, 0, 30, 10], 0.5),  # boxes cannot tell
     (None, [0, 0, 10, 10], [20, 0, 30, 10], 0.5),
+    ("left of", [0, 0, 10, 10], [20, 20, 30, 30], 1.0),  # as far right as down: the horizontal decides,
+    ("above", [0, 0, 10, 10], [20, 20, 30, 30], 0.5),  # as synth.world.relation does
+    ("left of", [2, 0, 2, 10], [5, 0, 10, 10], 0.5),  # a box of no area says nothing
 ])
 def test_geometry_agreement_reads_the_predicate_off_the_boxes(predicate, a, b, want):
     from pipeline.calibrate import geometry_agreement
@@ -266,3 +269,15 @@ def test_the_isotonic_step_fixes_what_the_logistic_curve_cannot_follow(tmp_path)
     (tmp_path / "v1.json").write_text(json.dumps(data))
     assert Calibration.load(tmp_path / "v1.json").probability("shape", fit[0].features) == pytest.approx(
         plain.probability("shape", fit[0].features), abs=1e-9)
+
+
+def test_a_calibrated_probability_is_never_exactly_0_or_1():
+    """So that a threshold of 1.0 (a class never precise enough) keeps nothing, even where the
+    logistic curve saturates in floating point."""
+    from pipeline.calibrate import FEATURES
+
+    n = len(FEATURES)
+    features = {f: 0.0 for f in FEATURES}
+    sure = KindCalibrator(list(FEATURES), [0.0] * n, [1.0] * n, [0.0] * n, 60.0)
+    never = KindCalibrator(list(FEATURES), [0.0] * n, [1.0] * n, [0.0] * n, -60.0)
+    assert 0.99 < sure.probability(features) < 1.0 and 0.0 < never.probability(features) < 0.01
