@@ -19,6 +19,10 @@ teacher:
     python -m benchmarks.loop_detector --loop runs/loop4 --out runs/loop5 --name ftc5 --init teacher --epochs 3 \\
         --export runs/loop4/pseudo/filtered
     python -m benchmarks.loop_detector --out runs/loop5 --report
+    # a stronger teacher: the student fta pseudo-labels the pool (runs/loop6, a loop --work of its own)
+    python -m benchmarks.loop_detector --loop runs/loop4 --out runs/loop5 --name fta --promote runs/loop6
+    python -m benchmarks.loop_detector --loop runs/loop6 --out runs/loop6 --name ftc5 --init teacher --epochs 3 \
+        --export runs/loop6/pseudo/filtered
 """
 
 from __future__ import annotations
@@ -51,6 +55,34 @@ def train_student(work: Path, name: str, data: Path, init: Path | None, args) ->
     return weights
 
 
+def promote(loop_work: Path, students: Path, name: str, to: Path, relation: float | None) -> Path:
+    """A new loop ``--work`` (``to``) whose detector teacher is student ``name``: the worlds and the
+    GPT4RoI teacher of ``loop_work``, the loop's calibration fitted again on the validation scenes
+    with the student's boxes, and the pool pseudo-labelled by the loop's filtered job with them
+    (``to/pseudo/filtered``). ``relation``: the relation threshold instead of the tuned one."""
+    weights = loop.done(students, f"detector-{name}")
+    gpt = loop.done(loop_work, "gpt4roi-a")
+    if not (weights and gpt):
+        raise SystemExit(f"no trained student {name!r} under {students}, or no teacher in {loop_work}")
+    to.mkdir(parents=True, exist_ok=True)
+    if not (to / "worlds").exists():
+        (to / "worlds").symlink_to((loop_work / "worlds").resolve())
+    if not loop.done(to, "detector-a"):
+        loop.finish(to, "detector-a", {"weights": weights["weights"], "promoted": f"{students}:{name}"})
+        loop.finish(to, "gpt4roi-a", {"checkpoint": gpt["checkpoint"]})
+    det, model = Path(weights["weights"]), Path(gpt["checkpoint"])
+    cal, thresholds = loop.calibrate(to, model, det, argparse.Namespace(proposal_score=0.05, precision=0.95))
+    if relation is not None:
+        thresholds = {**thresholds, "relation": relation}
+    if not (to / "pseudo" / "filtered" / "manifest.json").is_file():
+        loop.run(["roiscribe", "pseudo-label", str(to / "worlds" / "pool" / "images"), "--out", str(to / "pool-filtered"),
+                  "--model", str(model), "--detector", f"yolo:{det}", "--runner", "local", "--resume",
+                  "--calibration", str(cal), "--score-threshold", "0.05", "--mask-rejected",
+                  *[f"--min-probability={k}={v}" for k, v in sorted(thresholds.items())]])
+        loop._move(to / "pool-filtered" / "exports", to / "pseudo" / "filtered")
+    return to / "pseudo" / "filtered"
+
+
 def table(work: Path) -> str:
     rows = ["| student | init | epochs | pseudo-labels | labelled weight | mAP50 | circle | hexagon | square | star | triangle |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -75,8 +107,18 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2500, help="images per epoch")
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--report", action="store_true", help="print the table of the students under --out, train nothing")
+    p.add_argument("--promote", metavar="DIR", type=Path, default=None,
+                   help="make DIR a loop --work whose detector teacher is student --name of --out (the GPT4RoI "
+                        "teacher and worlds of --loop), calibrated and with the pool pseudo-labelled by it")
+    p.add_argument("--relation", type=float, default=0.0,
+                   help="with --promote: the pseudo-label job's relation threshold (default 0, as the loop's runs)")
     args = p.parse_args(argv)
     work = args.out
+    if args.promote is not None:
+        if not args.name:
+            p.error("--promote needs --name (the student to make the teacher)")
+        print(f"pseudo-labels: {promote(args.loop, work, args.name, args.promote, args.relation)}")
+        return 0
     if not args.report:
         if not args.name:
             p.error("--name is required to train a student")
