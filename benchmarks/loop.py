@@ -147,7 +147,8 @@ def _yolo_names(path: Path) -> list[str]:
     return names
 
 
-def train_detector(work: Path, arm: str, data: Path, args) -> Path:
+def train_detector(work: Path, arm: str, data: Path, args, init: Path | None = None) -> Path:
+    """A detector for ``arm``: the demo layout from scratch, or from ``init``'s weights."""
     from detectors.ultralytics_backend import offline_environment
 
     weights = work / "detector" / arm / "weights" / "last.pt"
@@ -159,7 +160,8 @@ def train_detector(work: Path, arm: str, data: Path, args) -> Path:
     else:
         import demo
 
-        cmd = ["yolo", "detect", "train", f"model={Path(demo.__file__).parent / 'detector.yaml'}", f"data={data}",
+        model = init.absolute() if init is not None else Path(demo.__file__).parent / "detector.yaml"
+        cmd = ["yolo", "detect", "train", f"model={model}", f"data={data}",
                f"epochs={args.detector_epochs}", f"imgsz={args.imgsz}", "batch=32", "device=cpu", "workers=2",
                "amp=False", "val=False", "plots=False", "seed=0", "deterministic=True", "patience=0",
                f"project={(work / 'detector').absolute()}", f"name={arm}", "exist_ok=True"]

@@ -30,29 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from benchmarks import loop
-
-
-def train_student(work: Path, name: str, data: Path, init: Path | None, args) -> Path:
-    """``init``: weights to start from (None: the demo layout from scratch, as the loop's arms)."""
-    from detectors.ultralytics_backend import offline_environment
-
-    weights = work / "detector" / name / "weights" / "last.pt"
-    if loop.done(work, f"detector-{name}"):
-        return weights
-    if init is None:
-        return loop.train_detector(work, name, data, argparse.Namespace(detector_epochs=args.epochs, imgsz=args.imgsz))
-    offline_environment()
-    started = time.time()
-    loop.run(["yolo", "detect", "train", f"model={init.absolute()}", f"data={data}", f"epochs={args.epochs}",
-              f"imgsz={args.imgsz}", "batch=32", "device=cpu", "workers=2", "amp=False", "val=False", "plots=False",
-              "seed=0", "deterministic=True", "patience=0", f"project={(work / 'detector').absolute()}", f"name={name}",
-              "exist_ok=True"])
-    loop.finish(work, f"detector-{name}", {"weights": str(weights), "seconds": time.time() - started})
-    return weights
 
 
 def promote(loop_work: Path, students: Path, name: str, to: Path, relation: float | None) -> Path:
@@ -140,7 +120,9 @@ def main(argv=None) -> int:
         if not (work / "worlds").exists():
             (work / "worlds").symlink_to(worlds)
         data = loop.yolo_list(work, args.name, args.export, args.labelled_weight if args.export else 1, args.images)
-        weights = train_student(work, args.name, data, Path(teacher["weights"]) if args.init == "teacher" else None, args)
+        weights = loop.train_detector(work, args.name, data,
+                                      argparse.Namespace(detector_epochs=args.epochs, imgsz=args.imgsz),
+                                      Path(teacher["weights"]) if args.init == "teacher" else None)
         # the detector's numbers do not depend on the GPT4RoI the evaluation also asks
         scores = loop.evaluate_arm(work, args.name, Path(gpt["checkpoint"]), weights, "val")["detector"]
         record.parent.mkdir(exist_ok=True)

@@ -167,7 +167,7 @@ def geometry_agreement(predicate: str | None, a, b) -> float:
     if predicate in ("larger than", "smaller than"):
         return UNKNOWN_AGREEMENT if area_a == area_b else float((area_a > area_b) == (predicate == "larger than"))
     if predicate == "inside":
-        return float(intersect and area_a > 0 and ix * iy >= 0.9 * area_a)
+        return float(intersect and ix * iy >= 0.9 * area_a)
     directions = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
     if predicate not in directions:
         return UNKNOWN_AGREEMENT
