@@ -147,10 +147,11 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
 
     for region in regions:
         for name, a in region["answers"].items():
+            threshold = policy.threshold(name, region["label"])
             if a["reason"] is None and region_rejected(region, a.pop("calibrated")):
                 a["reason"] = "region-rejected"
-            elif a["reason"] is None and a["probability"] < policy.threshold(name, region["label"]):
-                a["reason"] = f"probability {a['probability']:.2f} < {policy.threshold(name, region['label']):.2f}"
+            elif a["reason"] is None and a["probability"] < threshold:
+                a["reason"] = f"probability {a['probability']:.2f} < {threshold:.2f}"
     relations = []
     for rel in result.relations:
         if rel.predicate is None:
