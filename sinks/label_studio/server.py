@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root (sinks/label_s
 VERSION = "1.23.2"
 TOKEN = "roiscribe-test-token-0123456789abcdef"  # the fixed admin token of a server started here
 USER, PASSWORD = "admin@roiscribe.test", "roiscribe-test-password"
+DATABASE = "label_studio.sqlite3"  # in the data dir
 
 
 def venv_dir() -> Path:
@@ -111,6 +112,22 @@ class Server:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"Label Studio did not answer /health within {timeout:.0f} s; see {self.log_path}")
+
+    def copy_database(self, data_dir: Path) -> Path:
+        """Copy this server's database into ``data_dir`` (consistent while the server runs: sqlite's
+        online backup), so that a second server started on it skips the migrations of a first
+        start (~5 s instead of ~40 s). It holds the same users, token, projects and tasks."""
+        import sqlite3
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        dest = data_dir / DATABASE
+        src = sqlite3.connect(f"file:{self.data_dir / DATABASE}?mode=ro", uri=True)
+        try:
+            with sqlite3.connect(dest) as out:
+                src.backup(out)
+        finally:
+            src.close()
+        return dest
 
     def healthy(self) -> bool:
         try:

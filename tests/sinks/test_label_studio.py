@@ -611,13 +611,14 @@ MANIFEST = {"fingerprints": {"model": "f7585f5f0a1b", "detector": "b7e747e5c2d3"
 
 
 @pytest.fixture(scope="module")
-def capped_server(tmp_path_factory):
-    """A second server whose task listing serves at most 100 tasks a page, whatever is asked."""
-    from sinks.label_studio.server import Server, install
+def capped_server(ls_server, tmp_path_factory):
+    """A second server whose task listing serves at most 100 tasks a page, whatever is asked;
+    started on a copy of the first server's database (no second round of migrations)."""
+    from sinks.label_studio.server import Server
 
-    install()
     root = tmp_path_factory.mktemp("label_studio_capped")
     (root / "docs" / "imgs").mkdir(parents=True)
+    ls_server.copy_database(root / "data")
     server = Server(root / "data", root / "docs", extra_env={"TASK_API_PAGE_SIZE_MAX": "100"}).start()
     yield server
     server.stop()
@@ -643,6 +644,8 @@ def test_a_server_that_caps_pages_gets_no_duplicates_and_the_pull_sees_every_tas
     assert (again.tasks_created, again.predictions_created, again.already_present) == (0, 0, 230)
     client = LabelStudio(capped_server.url, TOKEN)
     pid = client.project("capped")["id"]
+    pages = list(client.task_pages(pid, page_size=500))
+    assert [len(p) for p in pages] == [100, 100, 30]  # the server caps what is asked
     tasks = client.list_tasks(pid)
     assert len(tasks) == client.task_count(pid) == 230
     assert len({t["data"]["roiscribe_key"] for t in tasks}) == 230
