@@ -23,6 +23,9 @@ Signals (``FEATURES``), each known without ground truth when the job runs:
 * ``geometry_agrees`` (relations): the two boxes say what the predicate says (1), are only
   consistent with it (0.5: e.g. "left of" a box that is more below than left, or one it overlaps;
   a predicate boxes cannot check, such as "holding"), or contradict it (0) (``geometry_agreement``);
+* ``overlap``: the largest share of the region's box that another detected box of the image
+  covers (0: it overlaps no other box; 1: it lies inside one): occluded objects and duplicate
+  detections (``box_overlap``). A relation: the larger of its two regions';
 * ``jitter_agrees``: asked again about the same region with its box edges moved a little
   (``synth.calibrate.jitter_agreement``: a second pass, so it doubles the cost), the answer stays the same (1) or
   not (0); 0.5 when not measured. A region: its shape answer's.
@@ -50,7 +53,7 @@ import numpy as np
 FORMAT = "roiscribe-calibration"
 FORMAT_VERSION = 2  # 2: isotonic correction (iso_x, iso_y); version 1 files read as before
 FEATURES = ("mean_logprob", "min_logprob", "detector_score", "caption_agrees", "label_agrees", "geometry_agrees",
-            "jitter_agrees")
+            "overlap", "jitter_agrees")
 ATTRIBUTE_KINDS = ("color", "shape", "material")
 KINDS = (*ATTRIBUTE_KINDS, "caption", "relation", "region")
 UNKNOWN_AGREEMENT = 0.5  # neither agrees nor disagrees: the caption or the label names no value
@@ -105,6 +108,7 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
     answers = result.answers[r] if r < len(result.answers) else {}
     score = float(result.regions.scores[r])
     label = result.regions.class_names[r]
+    covered = box_overlap(result.regions.boxes, r)
     caption = answers.get("caption")
     out: dict[str, dict[str, float]] = {}
     agreeing, named = 0, 0
@@ -116,7 +120,8 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
         out[kind] = {"mean_logprob": a.mean_logprob, "min_logprob": a.min_logprob, "detector_score": score,
                      "caption_agrees": _agreement(a.value, in_caption),
                      "label_agrees": _agreement(a.value, vocabulary_value(kind, label)),
-                     "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get(kind, UNKNOWN_AGREEMENT)}
+                     "geometry_agrees": UNKNOWN_AGREEMENT, "overlap": covered,
+                     "jitter_agrees": jitter.get(kind, UNKNOWN_AGREEMENT)}
         if in_caption is not None:
             named += 1
             agreeing += int(in_caption == a.value)
@@ -125,13 +130,15 @@ def region_signals(result, r: int, jitter: dict | None = None) -> dict[str, dict
                           "detector_score": score,
                           "caption_agrees": agreeing / named if named else UNKNOWN_AGREEMENT,
                           "label_agrees": _agreement(named_value("shape", caption.value), vocabulary_value("shape", label)),
-                          "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
+                          "geometry_agrees": UNKNOWN_AGREEMENT, "overlap": covered,
+                          "jitter_agrees": jitter.get("caption", UNKNOWN_AGREEMENT)}
     shape = answers.get("shape")
     out["region"] = {"mean_logprob": shape.mean_logprob if shape else 0.0,
                      "min_logprob": shape.min_logprob if shape else 0.0, "detector_score": score,
                      "caption_agrees": out.get("shape", {}).get("caption_agrees", UNKNOWN_AGREEMENT),
                      "label_agrees": out.get("shape", {}).get("label_agrees", UNKNOWN_AGREEMENT),
-                     "geometry_agrees": UNKNOWN_AGREEMENT, "jitter_agrees": jitter.get("shape", UNKNOWN_AGREEMENT)}
+                     "geometry_agrees": UNKNOWN_AGREEMENT, "overlap": covered,
+                     "jitter_agrees": jitter.get("shape", UNKNOWN_AGREEMENT)}
     return out
 
 
@@ -141,7 +148,23 @@ def relation_signals(result, rel, jitter: float = UNKNOWN_AGREEMENT) -> dict[str
             "detector_score": float(min(scores[rel.subject], scores[rel.object])),
             "caption_agrees": UNKNOWN_AGREEMENT, "label_agrees": UNKNOWN_AGREEMENT,
             "geometry_agrees": geometry_agreement(rel.predicate, boxes[rel.subject], boxes[rel.object]),
+            "overlap": max(box_overlap(boxes, rel.subject), box_overlap(boxes, rel.object)),
             "jitter_agrees": jitter}
+
+
+def box_overlap(boxes, r: int) -> float:
+    """The largest share of box ``r``'s area (``boxes``: xyxy, one per row) that another box
+    covers: 0 when it intersects none, 1 when it lies inside one (a box of no area: 0)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = b[r]
+    area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+    if area <= 0 or len(b) < 2:
+        return 0.0
+    iw = np.clip(np.minimum(b[:, 2], x2) - np.maximum(b[:, 0], x1), 0.0, None)
+    ih = np.clip(np.minimum(b[:, 3], y2) - np.maximum(b[:, 1], y1), 0.0, None)
+    shares = iw * ih / area
+    shares[r] = 0.0
+    return float(min(shares.max(), 1.0))
 
 
 def geometry_agreement(predicate: str | None, a, b) -> float:

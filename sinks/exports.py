@@ -121,6 +121,7 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
 
     result = row_to_result(row)
     regions = []
+    calibrated: dict[tuple[int, str], bool] = {}  # (region, answer name) -> its probability is calibrated
     for r in range(len(result.regions)):
         signals = region_signals(result, r)
         x1, y1, x2, y2 = (float(v) for v in result.regions.boxes[r])
@@ -132,10 +133,9 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
                 answers[name] = {"value": None, "probability": None, "reason": f"unparsed: {answer.raw!r}"}
                 continue
             baseline = math.exp(min(answer.mean_logprob, 0.0))
-            p, calibrated = (_probability(calibration, name, signals[name], answer.probability, baseline)
-                             if name in signals else _probability(None, name, {}, answer.probability, baseline))
-            answers[name] = {"value": answer.value, "said": _said(name, answer), "probability": p,
-                             "calibrated": calibrated, "reason": None}
+            p, calibrated[r, name] = (_probability(calibration, name, signals[name], answer.probability, baseline)
+                                      if name in signals else _probability(None, name, {}, answer.probability, baseline))
+            answers[name] = {"value": answer.value, "said": _said(name, answer), "probability": p, "reason": None}
         regions.append({"region_id": r, "label": result.regions.class_names[r],
                         "class_id": int(result.regions.class_ids[r]), "box": [x1, y1, x2, y2],
                         "area": max(x2 - x1, 0.0) * max(y2 - y1, 0.0), "probability": region_p,
@@ -145,10 +145,10 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
     def region_rejected(region: dict, calibrated: bool) -> bool:  # see the module docstring
         return region["reason"] is not None and (not calibrated or not region["reason"].startswith("probability"))
 
-    for region in regions:
+    for r, region in enumerate(regions):
         for name, a in region["answers"].items():
             threshold = policy.threshold(name, region["label"])
-            if a["reason"] is None and region_rejected(region, a.pop("calibrated")):
+            if a["reason"] is None and region_rejected(region, calibrated[r, name]):
                 a["reason"] = "region-rejected"
             elif a["reason"] is None and a["probability"] < threshold:
                 a["reason"] = f"probability {a['probability']:.2f} < {threshold:.2f}"
@@ -158,10 +158,10 @@ def decide(row: dict, policy: Policy, calibration=None) -> dict:
             relations.append({"subject": rel.subject, "object": rel.object, "predicate": None, "probability": None,
                               "reason": f"unparsed: {rel.raw!r}"})
             continue
-        p, calibrated = _probability(calibration, "relation", relation_signals(result, rel), rel.probability,
-                                     math.exp(min(rel.mean_logprob, 0.0)))
+        p, rel_calibrated = _probability(calibration, "relation", relation_signals(result, rel), rel.probability,
+                                         math.exp(min(rel.mean_logprob, 0.0)))
         reason = None
-        if region_rejected(regions[rel.subject], calibrated) or region_rejected(regions[rel.object], calibrated):
+        if region_rejected(regions[rel.subject], rel_calibrated) or region_rejected(regions[rel.object], rel_calibrated):
             reason = "region-rejected"
         elif p < policy.threshold("relation"):
             reason = f"probability {p:.2f} < {policy.threshold('relation'):.2f}"

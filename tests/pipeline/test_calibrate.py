@@ -34,7 +34,8 @@ def _examples(n, seed, kind="color", bias=-0.5):
     p = 1 / (1 + np.exp(-(2 * z + bias)))
     right = rng.random(n) < p
     return [Example(kind, {"mean_logprob": math.log(0.95), "min_logprob": float(zi), "detector_score": 0.9,
-                           "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+                           "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "overlap": 0.0,
+                           "jitter_agrees": 0.5}, bool(r))
             for zi, r in zip(z, right)], p
 
 
@@ -55,7 +56,8 @@ def test_the_fit_recovers_the_probability_and_calibrates_held_out_answers():
 
 def test_a_kind_with_only_right_answers_gets_their_rate(tmp_path):
     examples = [Example("shape", {"mean_logprob": -0.1 * k, "min_logprob": -0.2, "detector_score": 0.5,
-                                  "caption_agrees": 1.0, "label_agrees": 1.0, "geometry_agrees": 1.0, "jitter_agrees": 1.0}, True)
+                                  "caption_agrees": 1.0, "label_agrees": 1.0, "geometry_agrees": 1.0, "overlap": 0.0,
+                                  "jitter_agrees": 1.0}, True)
                 for k in range(20)]
     calibration = Calibration.fit(examples)
     assert calibration.probability("shape", examples[3].features) > 0.999
@@ -135,6 +137,47 @@ def test_geometry_agreement_reads_the_predicate_off_the_boxes(predicate, a, b, w
     assert geometry_agreement(predicate, a, b) == want
 
 
+@pytest.mark.parametrize("boxes, want", [
+    ([[0, 0, 10, 10]], [0.0]),  # alone in its image
+    ([[0, 0, 10, 10], [20, 20, 30, 30]], [0.0, 0.0]),  # apart
+    ([[0, 0, 10, 10], [10, 0, 20, 10]], [0.0, 0.0]),  # touching edges cover nothing
+    ([[0, 0, 10, 10], [5, 0, 15, 10]], [0.5, 0.5]),
+    ([[0, 0, 10, 10], [2, 2, 4, 4]], [0.04, 1.0]),  # the small box lies inside the large one
+    ([[0, 0, 10, 10], [0, 0, 10, 10]], [1.0, 1.0]),  # a duplicate detection
+    ([[0, 0, 10, 10], [5, 0, 15, 10], [0, 0, 8, 10]], [0.8, 0.5, 1.0]),  # the most covering box counts
+    ([[3, 3, 3, 9], [0, 0, 10, 10]], [0.0, 0.0]),  # a box of no area
+])
+def test_overlap_is_the_largest_share_of_a_box_another_box_covers(boxes, want):
+    from pipeline.calibrate import box_overlap
+
+    assert [box_overlap(boxes, r) for r in range(len(boxes))] == pytest.approx(want)
+
+
+def test_regions_and_relations_carry_their_overlap():
+    """Region 1 is half covered by region 2; region 0 is alone. A relation takes the larger of its
+    two regions' overlaps."""
+    from pipeline.calibrate import region_signals, relation_signals
+
+    regions = Regions.from_boxes([[0, 0, 20, 20], [50, 50, 70, 70], [60, 50, 80, 70]], ["circle", "star", "square"],
+                                 scores=[0.9, 0.8, 0.7])
+    answers = [{"color": _answer("red"), "caption": _answer("a red circle")}, {"shape": _answer("star")},
+               {"material": _answer("wood")}]
+    relations = [RelationAnswer(0, "left of", 1, "", "ok", -0.2, -0.4), RelationAnswer(0, "above", 0, "", "ok", -0.2, -0.4)]
+    result = ImageResult("img.png", "img.png", "ok", width=100, height=100, regions=regions, answers=answers,
+                         relations=relations)
+    assert {k: f["overlap"] for k, f in region_signals(result, 0).items()} == {"color": 0.0, "caption": 0.0,
+                                                                                 "region": 0.0}
+    assert {k: f["overlap"] for k, f in region_signals(result, 1).items()} == {"shape": 0.5, "region": 0.5}
+    assert [relation_signals(result, rel)["overlap"] for rel in relations] == [0.5, 0.0]
+    # a calibration fitted before the signal existed reads only its own signals: it still applies
+    from pipeline.calibrate import FEATURES
+
+    older = [f for f in FEATURES if f != "overlap"]
+    n = len(older)
+    calibration = Calibration({"region": KindCalibrator(older, [0.0] * n, [1.0] * n, [0.1] * n, 0.0)})
+    assert 0.0 < calibration.probability("region", region_signals(result, 1)["region"]) < 1.0
+
+
 def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(tmp_path_factory):
     """The demo model and detector on 40 unseen scenes: fitted on 70% of the images, checked on the
     other 30%, the calibrated probabilities are better calibrated than exp(mean log-prob)."""
@@ -153,7 +196,7 @@ def test_a_test_sized_fit_on_the_demo_models_answers_lowers_the_held_out_error(t
     assert checked["all"]["examples"] > 150
     assert set(calibration.metrics["signals_auroc"]["color"]) == {"mean_logprob", "min_logprob", "detector_score",
                                                                   "caption_agrees", "label_agrees", "geometry_agrees",
-                                                                  "jitter_agrees"}
+                                                                  "overlap", "jitter_agrees"}
 
 
 def test_jitter_agreement_asks_again_about_moved_boxes(tmp_path_factory):
@@ -248,7 +291,8 @@ def test_the_isotonic_step_fixes_what_the_logistic_curve_cannot_follow(tmp_path)
         lp = rng.uniform(-3, 0, n)
         right = rng.random(n) < np.where(lp < -1, 0.6, 0.97)
         return [Example("shape", {"mean_logprob": float(v), "min_logprob": float(v), "detector_score": 0.9,
-                                  "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "jitter_agrees": 0.5}, bool(r))
+                                  "caption_agrees": 0.5, "label_agrees": 0.5, "geometry_agrees": 0.5, "overlap": 0.0,
+                           "jitter_agrees": 0.5}, bool(r))
                 for v, r in zip(lp, right)]
 
     fit, check = examples(6000), examples(6000)

@@ -51,6 +51,8 @@ def test_the_policy_keeps_and_rejects_with_reasons():
     assert d["regions"][1]["answers"]["color"]["reason"] == "region-rejected"
     assert d["regions"][2]["answers"]["color"]["reason"].startswith("unparsed")
     assert [r["reason"] for r in d["relations"]] == ["region-rejected"] * 3  # region 3 went to the class cap
+    assert {k for g in d["regions"] for a in g["answers"].values() for k in a} <= {"value", "said", "probability",
+                                                                                     "reason"}
     # without the class cap, the relation between two kept regions stands, the unsure one does not
     d = decide(hand_row(), Policy(min_area=25.0))
     assert [r["reason"] for r in d["relations"]] == [None, "region-rejected", "probability 0.40 < 0.50"]
