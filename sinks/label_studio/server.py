@@ -122,10 +122,11 @@ class Server:
         data_dir.mkdir(parents=True, exist_ok=True)
         dest = data_dir / DATABASE
         src = sqlite3.connect(f"file:{self.data_dir / DATABASE}?mode=ro", uri=True)
+        out = sqlite3.connect(dest)
         try:
-            with sqlite3.connect(dest) as out:
-                src.backup(out)
+            src.backup(out)
         finally:
+            out.close()
             src.close()
         return dest
 
